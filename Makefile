@@ -1,0 +1,44 @@
+# dimo-lightning: `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint format demo assets clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the package with pinned torch (idempotent)
+
+test: install ## Run the test suite (CPU, the fast set: not slow, not gpu)
+	$(BIN)/pytest -q -m "not slow and not gpu"
+
+test-all: install ## Run every CPU test, slow ones included
+	$(BIN)/pytest -q -m "not gpu"
+
+lint: install ## Ruff lint
+	$(BIN)/ruff check dimo_lightning tests
+
+format: install ## Ruff format and import sorting
+	$(BIN)/ruff check --fix --select I dimo_lightning tests
+	$(BIN)/ruff format dimo_lightning tests
+
+demo: install ## The main job: distill the MNIST teacher on CPU and print the evaluation table
+	$(BIN)/dimo fit --config configs/mnist/dimo.yaml
+
+assets: install ## Rebuild the shipped assets (codebook, metric classifier, teacher) from scratch
+	$(BIN)/python -m dimo_lightning.assets.build codebook
+	$(BIN)/python -m dimo_lightning.assets.build classifier
+	$(BIN)/dimo fit --config configs/mnist/teacher.yaml --trainer.logger.init_args.name=mnist_teacher_assets
+	$(BIN)/python -m dimo_lightning.assets.build teacher "$$(ls -d runs/mnist_teacher_assets/version_* | sort -V | tail -1)"
+
+clean: ## Remove the virtual environment and run outputs
+	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache *.egg-info

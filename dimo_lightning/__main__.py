@@ -1,0 +1,3 @@
+from dimo_lightning.cli import main
+
+main()

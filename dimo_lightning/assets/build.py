@@ -1,0 +1,62 @@
+"""Rebuild the shipped assets (``make assets``).
+
+    python -m dimo_lightning.assets.build codebook      # k-means PatchVQ codebook of the MNIST train split
+    python -m dimo_lightning.assets.build teacher RUN   # copy the teacher exported by `dimo fit` into assets/
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from dimo_lightning.assets import asset_path
+
+
+def build_codebook(seed: int = 0, codebook_size: int = 256) -> Path:
+    """Fit the 4x4-patch k-means codebook on the train split and save it as an asset."""
+    from dimo_lightning.data.mnist import load_mnist_split
+    from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
+
+    torch.manual_seed(seed)
+    images, _ = load_mnist_split("train")
+    tokenizer = PatchVQTokenizer.fit(images, codebook_size=codebook_size, patch_size=4, seed=seed)
+    out = asset_path("mnist_codebook.safetensors")
+    tokenizer.save(out)
+    return out
+
+
+def install_teacher(run_dir: str) -> list[Path]:
+    """Copy ``teacher.safetensors`` and ``teacher.json`` written by MaskedDiffusionModule into the assets."""
+    src = Path(run_dir)
+    copied = []
+    for name in ("teacher.safetensors", "teacher.json"):
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"{src / name} not found: run `dimo fit --config configs/mnist/teacher.yaml` first")
+        dst = asset_path("mnist_" + name)
+        shutil.copyfile(src / name, dst)
+        copied.append(dst)
+    return copied
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("codebook", "teacher", "classifier"):
+        raise SystemExit(__doc__)
+    if argv[0] == "codebook":
+        print(f"wrote {build_codebook()}")
+    elif argv[0] == "teacher":
+        if len(argv) != 2:
+            raise SystemExit("usage: python -m dimo_lightning.assets.build teacher RUN_DIR")
+        for path in install_teacher(argv[1]):
+            print(f"wrote {path}")
+    else:
+        from dimo_lightning.metrics.classifier import build_classifier_asset
+
+        print(f"wrote {build_classifier_asset()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""ClassLabelDataModule: the data-free condition source for class-conditional teachers.
+
+Di[M]O needs no images: each batch is a vector of class labels drawn uniformly and independently (spec section
+1.1). Batch j on rank r is a pure function of (seed, r, j), and the loader is resumable (its position is saved in
+Lightning checkpoints), so a resumed run sees exactly the labels an uninterrupted run would have seen, and ranks
+draw different labels without a distributed sampler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def label_batch(seed: int, rank: int, index: int, batch_size: int, num_classes: int) -> torch.Tensor:
+    """The ``index``-th label batch (batch_size,) of ``rank``: uniform i.i.d. classes, deterministic."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + index * 104_729) % (2**63 - 1))
+    return torch.randint(0, num_classes, (batch_size,), generator=generator)
+
+
+class ClassLabelStream(IterableDataset):
+    """Yields ``batches_per_epoch`` label batches per pass, continuing from a global position.
+
+    Args:
+        num_classes: labels are drawn from [0, num_classes).
+        batch_size: labels per batch (per rank).
+        batches_per_epoch: batches per pass (what Lightning calls an epoch).
+        seed: base seed.
+    """
+
+    def __init__(self, num_classes: int, batch_size: int, batches_per_epoch: int, seed: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.position = 0  # global index of the next batch to yield
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        rank, _ = _rank_and_world()
+        for _ in range(self.batches_per_epoch):
+            batch = label_batch(self.seed, rank, self.position, self.batch_size, self.num_classes)
+            self.position += 1
+            yield batch
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a :class:`ClassLabelStream` whose position Lightning saves and restores.
+
+    Lightning prefetches one batch ahead of the training step; the saved position subtracts what was fetched
+    but not yet trained on, so a checkpoint taken after batch j resumes at batch j + 1.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.dataset.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.position = int(state["position"])
+
+
+class ClassLabelDataModule(pl.LightningDataModule):
+    """Conditions only: batches of class labels (B,) long.
+
+    Args:
+        num_classes: number of classes of the teacher.
+        batch_size: labels per batch per rank (the Di[M]O batch size B).
+        batches_per_epoch: batches in one Lightning epoch (epochs only pace logging and checkpoints).
+        seed: base seed of the label stream (each rank adds its rank).
+        predict_samples: number of labels ``dimo predict`` samples, balanced over classes in class order.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        batch_size: int = 64,
+        batches_per_epoch: int = 100,
+        seed: int = 0,
+        predict_samples: int = 1000,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1 or batch_size < 1 or batches_per_epoch < 1:
+            raise ValueError(
+                f"num_classes, batch_size and batches_per_epoch must be >= 1, got {num_classes}, {batch_size}, "
+                f"{batches_per_epoch}"
+            )
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.predict_samples = predict_samples
+        self._stream: ClassLabelStream | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        if self._stream is None:
+            self._stream = ClassLabelStream(self.num_classes, self.batch_size, self.batches_per_epoch, self.seed)
+        return ResumableLoader(self._stream, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        """One batch of labels: validation work happens in callbacks (EvaluationReport, FIDMonitor)."""
+        return DataLoader(torch.arange(self.batch_size) % self.num_classes, batch_size=self.batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """``predict_samples`` labels cycling through the classes in order (balanced)."""
+        labels = torch.arange(self.predict_samples) % self.num_classes
+        return DataLoader(labels, batch_size=self.batch_size)

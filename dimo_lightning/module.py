@@ -1,0 +1,506 @@
+"""DiMOModule: Di[M]O distillation of a masked diffusion teacher into a one-step student, on Lightning manual
+optimization (spec sections 1-4, with the fixes of section 10).
+
+One training step is one Di[M]O iteration:
+
+1. draw r_init (fixed or per-iteration from a range) and sigma (schedule over generator steps);
+2. generator update (every ``aux_rounds``-th iteration), over ``accumulate_micro_batches`` micro-batches:
+   x_init -> student logits z -> sample x -> mask -> teacher (CFG) and aux logits -> per-token gradient g ->
+   surrogate loss -> backward (no DDP all-reduce until the last micro-batch) -> clip -> step -> scheduler;
+3. aux update, every iteration: fresh (or reused) student sample -> mask -> aux cross-entropy -> clip -> step.
+
+All random draws of an iteration come from a generator seeded by (seed, rank, iteration), and dropout runs under a
+forked global RNG seeded the same way, so ranks differ and a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from typing_extensions import override
+
+from dimo_lightning.losses import aux_loss, distribution_matching_grad, finite_rows, generator_loss
+from dimo_lightning.masking import (
+    MASK_SCHEDULES,
+    hybrid_initial_sequence,
+    mask_tokens,
+    parse_range,
+    sample_mask_ratio,
+    sigma_at,
+)
+from dimo_lightning.sampling import sample_tokens
+from dimo_lightning.teachers.base import MaskedTeacher
+
+AUX_SAMPLE_MODES = ("fresh", "reuse")
+MaskSchedule = Literal["linear", "square", "cosine", "arccos", "mage"]
+
+
+class DiMOModule(pl.LightningModule):
+    """Distills ``teacher`` into a one-step student with an auxiliary model (Di[M]O).
+
+    Args:
+        teacher: the frozen teacher (``class_path`` in YAML). Student and aux start as copies of its network.
+        optimizer_gen: optimizer factory of the student.
+        optimizer_aux: optimizer factory of the aux model.
+        scheduler_gen: optional LR-scheduler factory of the student (stepped after each student step).
+        scheduler_aux: optional LR-scheduler factory of the aux model (stepped after each aux step).
+        max_generator_steps: stop after this many student updates.
+        r_init: share of masked tokens in the student's input, fixed or a [low, high] range drawn once per
+            iteration (shared by the generator and aux updates of that iteration).
+        emb_noise_sigma: sigma of the student's embedding perturbation (target value of the schedule).
+        emb_noise_schedule: ``constant``, or a warm-up from 0 to sigma: ``linear``, ``exp``, ``cos``.
+        emb_noise_warmup_steps: generator steps of the warm-up.
+        emb_noise_relative: scale the noise by the RMS of the teacher's code embeddings (small models); False is
+            the paper's absolute form for unit-scale embeddings.
+        divergence_beta: 0 forward KL, 1 reverse KL, otherwise (1 - beta) FKL + beta RKL.
+        teacher_temperature: temperature of the teacher's softmax in the divergence.
+        aux_temperature: temperature of the aux softmax in the divergence.
+        gen_mask_schedule: mask-ratio schedule of the generator update.
+        aux_mask_schedule: mask-ratio schedule of the aux update.
+        mask_ratio_clamp: optional [low, high] clamp of the mask ratios (the Meissonic recipe uses [0.02, 0.98]).
+        teacher_cfg_scale: guidance scale of the teacher's targets (1 disables CFG).
+        adaptive_cfg: per-sample scale 1 + (w - 1) * mask ratio.
+        teacher_eval: keep the teacher in eval mode (no dropout in the targets); False mimics the official code.
+        aux_cfg_drop_ratio: share of aux training samples whose label is replaced by the null class.
+        aux_label_smoothing: label smoothing of the aux cross-entropy.
+        aux_soft_weight: weight of the soft (KL to student probabilities) aux loss; 0 is hard CE only.
+        aux_soft_temperature: temperature of the soft aux loss.
+        aux_rounds: aux updates per student update (the student steps on every ``aux_rounds``-th iteration).
+        aux_sample: ``fresh`` draws a new student sample for the aux update (official); ``reuse`` reuses the
+            generator step's detached sample and saves one student forward.
+        student_temperature: temperature of the student's token sampling (training).
+        student_top_k: top-k of the student's sampling (0: off).
+        student_top_p: top-p of the student's sampling (0: off).
+        exclude_mask_from_samples: never let the student sample the mask id.
+        exclude_mask_from_grad: zero the gradient on the mask logit.
+        fix_emb_layer: freeze the token table (tied output head), output bias and positions of student and aux.
+        gen_grad_clip: max gradient norm of the student (0: no clipping; norms are logged either way).
+        aux_grad_clip: max gradient norm of the aux model.
+        accumulate_micro_batches: split each batch into this many micro-batches, one optimizer step per update.
+        sample_temperature: temperature of the student's one-step sampling at evaluation.
+        sample_r_init: r_init at evaluation (None: the midpoint of ``r_init``).
+        sample_emb_noise_sigma: sigma at evaluation (None: ``emb_noise_sigma``).
+        predict_with: what ``dimo predict`` samples: the (EMA) student in one step, or the teacher.
+        predict_teacher_steps: the teacher's MaskGIT steps when ``predict_with: teacher`` (CFG:
+            ``teacher_cfg_scale``).
+        predict_seed: seed of ``dimo predict`` samples.
+        seed: base seed of all random draws (None: the CLI's ``seed_everything`` value, else 0).
+    """
+
+    def __init__(
+        self,
+        teacher: MaskedTeacher,
+        optimizer_gen: OptimizerCallable = torch.optim.Adam,
+        optimizer_aux: OptimizerCallable = torch.optim.Adam,
+        scheduler_gen: LRSchedulerCallable | None = None,
+        scheduler_aux: LRSchedulerCallable | None = None,
+        max_generator_steps: int = 1000,
+        r_init: float | list[float] = 0.6,
+        emb_noise_sigma: float = 0.1,
+        emb_noise_schedule: Literal["constant", "linear", "exp", "cos"] = "constant",
+        emb_noise_warmup_steps: int = 0,
+        emb_noise_relative: bool = False,
+        divergence_beta: float = 0.0,
+        teacher_temperature: float = 1.0,
+        aux_temperature: float = 1.0,
+        gen_mask_schedule: MaskSchedule = "arccos",
+        aux_mask_schedule: MaskSchedule = "arccos",
+        mask_ratio_clamp: list[float] | None = None,
+        teacher_cfg_scale: float = 2.0,
+        adaptive_cfg: bool = False,
+        teacher_eval: bool = True,
+        aux_cfg_drop_ratio: float = 0.0,
+        aux_label_smoothing: float = 0.1,
+        aux_soft_weight: float = 0.0,
+        aux_soft_temperature: float = 1.0,
+        aux_rounds: int = 1,
+        aux_sample: Literal["fresh", "reuse"] = "fresh",
+        student_temperature: float = 1.0,
+        student_top_k: int = 0,
+        student_top_p: float = 0.0,
+        exclude_mask_from_samples: bool = True,
+        exclude_mask_from_grad: bool = False,
+        fix_emb_layer: bool = True,
+        gen_grad_clip: float = 1.0,
+        aux_grad_clip: float = 1.0,
+        accumulate_micro_batches: int = 1,
+        sample_temperature: float = 1.0,
+        sample_r_init: float | None = None,
+        sample_emb_noise_sigma: float | None = None,
+        predict_with: Literal["student", "teacher"] = "student",
+        predict_teacher_steps: int = 16,
+        predict_seed: int = 0,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=["teacher", "optimizer_gen", "optimizer_aux", "scheduler_gen", "scheduler_aux"]
+        )
+        self.automatic_optimization = False
+        self._validate()
+        self.r_init_range = parse_range(r_init, "r_init")
+        self.teacher = teacher
+        self.teacher.requires_grad_(False)
+        self._set_teacher_mode()
+        # Student and aux start as copies of the teacher's token network; tokenizer and condition encoder stay
+        # with the teacher and are never copied.
+        self.student = copy.deepcopy(teacher.network).train().requires_grad_(True)
+        self.aux = copy.deepcopy(teacher.network).train().requires_grad_(True)
+        if fix_emb_layer:
+            for name in teacher.frozen_parameter_names():
+                for net in (self.student, self.aux):
+                    net.get_parameter(name).requires_grad_(False)
+        self.optimizer_gen = optimizer_gen
+        self.optimizer_aux = optimizer_aux
+        self.scheduler_gen = scheduler_gen
+        self.scheduler_aux = scheduler_aux
+        self.emb_noise_scale = teacher.embedding_rms() if emb_noise_relative else 1.0
+        # Counters persisted in checkpoints (global_step counts both optimizers' steps, so it cannot pace the
+        # sigma schedule or the stopping rule).
+        self.generator_step = 0
+        self.iteration = 0
+        self.skipped_steps = 0
+        # Lightning checkpoints omit the teacher; load them non-strictly and check the rest by hand.
+        self.strict_loading = False
+
+    def _validate(self) -> None:
+        hp = self.hparams
+        for name in ("gen_mask_schedule", "aux_mask_schedule"):
+            if hp[name] not in MASK_SCHEDULES:
+                raise ValueError(f"{name} must be one of {', '.join(MASK_SCHEDULES)}, got {hp[name]!r}")
+        if hp.aux_sample not in AUX_SAMPLE_MODES:
+            raise ValueError(f"aux_sample must be one of {', '.join(AUX_SAMPLE_MODES)}, got {hp.aux_sample!r}")
+        for name in ("max_generator_steps", "aux_rounds", "accumulate_micro_batches"):
+            if hp[name] < 1:
+                raise ValueError(f"{name} must be >= 1, got {hp[name]}")
+        if not 0.0 <= hp.emb_noise_sigma <= 1.0:
+            raise ValueError(f"emb_noise_sigma must lie in [0, 1], got {hp.emb_noise_sigma}")
+        if not 0.0 <= hp.aux_cfg_drop_ratio < 1.0:
+            raise ValueError(f"aux_cfg_drop_ratio must lie in [0, 1), got {hp.aux_cfg_drop_ratio}")
+        if not 0.0 <= hp.aux_soft_weight <= 1.0:
+            raise ValueError(f"aux_soft_weight must lie in [0, 1], got {hp.aux_soft_weight}")
+        for name in ("teacher_temperature", "aux_temperature", "student_temperature", "sample_temperature"):
+            if hp[name] <= 0:
+                raise ValueError(f"{name} must be > 0, got {hp[name]}")
+        if hp.mask_ratio_clamp is not None and (
+            len(hp.mask_ratio_clamp) != 2 or not 0.0 <= hp.mask_ratio_clamp[0] <= hp.mask_ratio_clamp[1] <= 1.0
+        ):
+            raise ValueError(f"mask_ratio_clamp must be [low, high] within [0, 1], got {hp.mask_ratio_clamp}")
+        parse_range(hp.r_init, "r_init")
+
+    # ---- randomness --------------------------------------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        if self.hparams.seed is not None:
+            return int(self.hparams.seed)
+        import os
+
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def iteration_seed(self, iteration: int) -> int:
+        """Seed of all draws of ``iteration`` on this rank."""
+        return (self.seed * 1_000_003 + self.global_rank * 7_919 + iteration * 104_729 + 17) % (2**63 - 1)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def draw_r_init(self, generator: torch.Generator) -> float:
+        low, high = self.r_init_range
+        if low == high:
+            return low
+        return low + (high - low) * float(torch.rand((), generator=generator, device=self.device))
+
+    def current_sigma(self) -> float:
+        hp = self.hparams
+        return sigma_at(self.generator_step, hp.emb_noise_sigma, hp.emb_noise_schedule, hp.emb_noise_warmup_steps)
+
+    # ---- the student ------------------------------------------------------------------------------------------
+    def _exclude_ids(self) -> tuple[int, ...]:
+        t = self.teacher
+        return (t.mask_id,) if self.hparams.exclude_mask_from_samples and t.logit_width > t.mask_id else ()
+
+    def student_logits(
+        self,
+        network: nn.Module,
+        cond: Any,
+        r_init: float,
+        sigma: float,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """One forward of ``network`` on a fresh hybrid initial sequence -> logits (B, N, V)."""
+        t = self.teacher
+        b = t.condition_batch_size(cond)
+        x_init = hybrid_initial_sequence(b, t.seq_len, t.codebook_size, r_init, t.mask_id, generator, self.device)
+        return t.apply_network(network, x_init, cond, None, sigma, self.emb_noise_scale, generator)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        cond: Any,
+        network: nn.Module | None = None,
+        temperature: float | None = None,
+        r_init: float | None = None,
+        sigma: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One-step sampling: codes (B, N) in [0, K) from the student (or ``network``, e.g. its EMA).
+
+        Runs the network in eval mode; defaults come from the ``sample_*`` arguments.
+        """
+        hp = self.hparams
+        network = self.student if network is None else network
+        low, high = self.r_init_range
+        r_init = hp.sample_r_init if r_init is None else r_init
+        r_init = (low + high) / 2 if r_init is None else r_init
+        sigma = (hp.sample_emb_noise_sigma if hp.sample_emb_noise_sigma is not None else hp.emb_noise_sigma) if (
+            sigma is None
+        ) else sigma
+        generator = generator or self._generator(self.iteration_seed(-1))
+        was_training = network.training
+        network.eval()
+        try:
+            logits = self.student_logits(network, cond, r_init, sigma, generator)
+        finally:
+            network.train(was_training)
+        t = self.teacher
+        exclude = tuple(range(t.codebook_size, logits.shape[-1]))  # never emit the mask slot at inference
+        return sample_tokens(logits, temperature or hp.sample_temperature, hp.student_top_k, hp.student_top_p,
+                             exclude, generator)
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------------------
+    @override
+    def configure_optimizers(self):
+        gen_params = [p for p in self.student.parameters() if p.requires_grad]
+        aux_params = [p for p in self.aux.parameters() if p.requires_grad]
+        opt_g = self.optimizer_gen(gen_params)
+        opt_a = self.optimizer_aux(aux_params)
+        schedulers = []
+        if self.scheduler_gen is not None:
+            schedulers.append({"scheduler": self.scheduler_gen(opt_g), "interval": "step"})
+        if self.scheduler_aux is not None:
+            schedulers.append({"scheduler": self.scheduler_aux(opt_a), "interval": "step"})
+        if (self.scheduler_gen is None) != (self.scheduler_aux is None):
+            raise ValueError("give both scheduler_gen and scheduler_aux, or neither")
+        return [opt_g, opt_a], schedulers
+
+    def _set_teacher_mode(self) -> None:
+        # Tokenizer and condition encoder always run in eval mode; only the token network's dropout is switchable
+        # (the official MaskGIT code leaves it on, spec section 4).
+        self.teacher.eval()
+        self.teacher.network.train(not self.hparams.teacher_eval)
+
+    @override
+    def on_fit_start(self) -> None:
+        self._set_teacher_mode()
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        # Lightning leaves module modes alone since 2.2, but a validation loop could have flipped them.
+        self.student.train()
+        self.aux.train()
+        self._set_teacher_mode()
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        seed = self.iteration_seed(self.iteration)
+        devices = [self.device] if self.device.type == "cuda" else []
+        # Dropout draws from the global RNG: fork it and seed it per iteration so resumes are exact.
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed)
+            generator = self._generator(seed)
+            self._iteration(batch, generator)
+        self.iteration += 1
+        if self.generator_step >= self.hparams.max_generator_steps:
+            self.trainer.should_stop = True
+
+    def _iteration(self, batch: Any, generator: torch.Generator) -> None:
+        hp = self.hparams
+        opt_g, opt_a = self.optimizers()
+        schedulers = self.lr_schedulers()
+        sch_g, sch_a = (schedulers if isinstance(schedulers, list) else (None, None)) if schedulers else (None, None)
+        cond = self.teacher.encode_condition(batch)
+        if isinstance(cond, torch.Tensor):
+            cond = cond.to(self.device)
+        micro_conds = self._split(cond, hp.accumulate_micro_batches)
+        r_init = self.draw_r_init(generator)
+        sigma = self.current_sigma()
+        logs: dict[str, Any] = {"train/r_init": r_init, "train/sigma": sigma}
+
+        reuse: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if self.iteration % hp.aux_rounds == 0:
+            reuse, gen_logs = self._generator_update(opt_g, sch_g, micro_conds, r_init, sigma, generator)
+            logs.update(gen_logs)
+        logs.update(self._aux_update(opt_a, sch_a, micro_conds, reuse, r_init, sigma, generator))
+        logs["train/generator_step"] = float(self.generator_step)
+        logs["train/skipped_steps"] = float(self.skipped_steps)
+        logs["train/lr_gen"] = opt_g.param_groups[0]["lr"]
+        logs["train/lr_aux"] = opt_a.param_groups[0]["lr"]
+        batch_size = self.teacher.condition_batch_size(cond)
+        shown = {k: logs.pop(k) for k in ("train/loss_gen", "train/loss_aux") if k in logs}
+        self.log_dict(shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    def _split(self, cond: Any, parts: int) -> list[Any]:
+        if parts == 1:
+            return [cond]
+        if not isinstance(cond, torch.Tensor):
+            raise ValueError("accumulate_micro_batches > 1 needs tensor conditions")
+        if cond.shape[0] % parts:
+            raise ValueError(
+                f"batch size {cond.shape[0]} is not divisible by accumulate_micro_batches={parts}"
+            )
+        return list(cond.chunk(parts))
+
+    def _generator_update(self, opt_g, sch_g, micro_conds, r_init, sigma, generator):
+        hp = self.hparams
+        t = self.teacher
+        parts = len(micro_conds)
+        samples = []
+        loss_total = torch.zeros((), device=self.device)
+        kept_rows = torch.zeros((), device=self.device)
+        for i, cond in enumerate(micro_conds):
+            with opt_g.toggle_model(sync_grad=i == parts - 1):
+                z = self.student_logits(self.student, cond, r_init, sigma, generator)  # (B, N, V)
+                with torch.no_grad():
+                    x = sample_tokens(z.detach(), hp.student_temperature, hp.student_top_k, hp.student_top_p,
+                                      self._exclude_ids(), generator)  # (B, N)
+                    ratio = sample_mask_ratio(x.shape[0], hp.gen_mask_schedule, generator, self.device,
+                                              hp.mask_ratio_clamp)
+                    x_t, mask = mask_tokens(x, ratio, t.mask_id, generator)
+                    scale = 1 + (hp.teacher_cfg_scale - 1) * ratio if hp.adaptive_cfg else hp.teacher_cfg_scale
+                    teacher_logits = t.guided_logits(t.network, x_t, cond, scale)
+                    aux_logits = t.apply_network(self.aux, x_t, cond)
+                    grad = distribution_matching_grad(
+                        teacher_logits, aux_logits, hp.divergence_beta,
+                        teacher_temperature=hp.teacher_temperature, aux_temperature=hp.aux_temperature,
+                    )
+                    if hp.exclude_mask_from_grad and grad.shape[-1] > t.mask_id:
+                        grad[..., t.mask_id] = 0
+                    valid = finite_rows(z.detach(), teacher_logits, aux_logits)
+                loss = generator_loss(z, grad, mask, row_weight=valid)
+                self.manual_backward(loss / parts)
+            samples.append((x, z.detach()))
+            loss_total += loss.detach() / parts
+            kept_rows += valid.float().mean() / parts
+        norm = self._clip_and_step(opt_g, self.student, hp.gen_grad_clip, any_valid=bool(kept_rows > 0))
+        if norm is not None:
+            self.generator_step += 1
+            if sch_g is not None:
+                sch_g.step()
+        return samples, {
+            "train/loss_gen": loss_total,
+            "train/grad_norm_gen": norm if norm is not None else float("nan"),
+            "train/valid_rows_gen": kept_rows,
+        }
+
+    def _aux_update(self, opt_a, sch_a, micro_conds, reuse, r_init, sigma, generator):
+        hp = self.hparams
+        t = self.teacher
+        parts = len(micro_conds)
+        loss_total = torch.zeros((), device=self.device)
+        kept_rows = torch.zeros((), device=self.device)
+        for i, cond in enumerate(micro_conds):
+            with opt_a.toggle_model(sync_grad=i == parts - 1):
+                with torch.no_grad():
+                    if hp.aux_sample == "reuse" and reuse is not None:
+                        x, z = reuse[i]
+                    else:
+                        z = self.student_logits(self.student, cond, r_init, sigma, generator)
+                        x = sample_tokens(z, hp.student_temperature, hp.student_top_k, hp.student_top_p,
+                                          self._exclude_ids(), generator)
+                    b = x.shape[0]
+                    drop = None
+                    if hp.aux_cfg_drop_ratio > 0:
+                        drop = torch.rand(b, generator=generator, device=self.device) < hp.aux_cfg_drop_ratio
+                    ratio = sample_mask_ratio(b, hp.aux_mask_schedule, generator, self.device, hp.mask_ratio_clamp)
+                    x_t, mask = mask_tokens(x, ratio, t.mask_id, generator)
+                    soft = (z.float() / hp.aux_soft_temperature).softmax(-1) if hp.aux_soft_weight > 0 else None
+                logits = t.apply_network(self.aux, x_t, cond, drop)
+                valid = finite_rows(logits.detach(), z)
+                loss = aux_loss(logits, x, mask, hp.aux_label_smoothing, soft, hp.aux_soft_weight,
+                                hp.aux_soft_temperature, row_weight=valid)
+                self.manual_backward(loss / parts)
+            loss_total += loss.detach() / parts
+            kept_rows += valid.float().mean() / parts
+        norm = self._clip_and_step(opt_a, self.aux, hp.aux_grad_clip, any_valid=bool(kept_rows > 0))
+        if norm is not None and sch_a is not None:
+            sch_a.step()
+        return {
+            "train/loss_aux": loss_total,
+            "train/grad_norm_aux": norm if norm is not None else float("nan"),
+            "train/valid_rows_aux": kept_rows,
+        }
+
+    def _clip_and_step(
+        self, optimizer, network: nn.Module, max_norm: float, any_valid: bool = True
+    ) -> torch.Tensor | None:
+        """Clip, then step, unless the gradient is non-finite or no row of the batch was valid: then skip the step
+        (momentum would still move the weights), zero the grads and count it in ``skipped_steps``.
+
+        Returns the pre-clipping gradient norm, or None for a skipped step.
+        """
+        params = [p for p in network.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        if not any_valid or not bool(torch.isfinite(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    # ---- validation and prediction -----------------------------------------------------------------------------
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Nothing per batch: the evaluation callbacks (EvaluationReport, FIDMonitor) do the work."""
+
+    @override
+    @torch.no_grad()
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Samples for the conditions of ``batch`` -> {"images": (B, C, H, W) in [0, 1], "labels": (B,)}."""
+        from dimo_lightning.callbacks.ema import evaluation_student
+
+        hp = self.hparams
+        cond = self.teacher.encode_condition(batch)
+        cond = cond.to(self.device) if isinstance(cond, torch.Tensor) else cond
+        generator = self._generator((hp.predict_seed * 1_000_003 + self.global_rank * 7_919 + batch_idx) % 2**62)
+        if hp.predict_with == "teacher":
+            codes = self.teacher.sample(cond, steps=hp.predict_teacher_steps, cfg_scale=hp.teacher_cfg_scale,
+                                        generator=generator)
+        else:
+            codes = self.generate(cond, network=evaluation_student(self), generator=generator)
+        return {"images": self.teacher.decode(codes).float(), "labels": batch}
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The teacher is re-loaded from its own source: keep its weights out of every checkpoint.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+        checkpoint["dimo"] = {
+            "generator_step": self.generator_step,
+            "iteration": self.iteration,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        expected = [k for k in self.state_dict() if not k.startswith("teacher.")]
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} student/aux weights (e.g. {', '.join(missing[:5])}); "
+                "it was not written by this DiMOModule configuration"
+            )
+        counters = checkpoint.get("dimo", {})
+        self.generator_step = int(counters.get("generator_step", 0))
+        self.iteration = int(counters.get("iteration", 0))
+        self.skipped_steps = int(counters.get("skipped_steps", 0))

@@ -1,0 +1,176 @@
+"""Sampling: categorical sampling with temperature / top-k / top-p, the one-step student sampler and the MaskGIT
+iterative decoder used for teachers (spec sections 1.5 and 5a).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+DECODE_SCHEDULES = ("root", "linear", "square", "cosine", "arccos")
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    exclude_ids: tuple[int, ...] | list[int] = (),
+) -> torch.Tensor:
+    """Logits (..., V) divided by ``temperature``, with excluded ids, entries below the k-th largest (top_k > 0) and
+    entries past cumulative probability ``top_p`` (0 < top_p < 1; the most likely one is always kept) set to -inf.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float() / temperature
+    if exclude_ids:
+        logits = logits.clone()
+        logits[..., list(exclude_ids)] = float("-inf")
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # shift right: keep the token that crosses p
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def gumbel_noise(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Standard Gumbel samples -log(-log u), u ~ U(0, 1), float32."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+
+
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per position from softmax(logits (..., V)) -> (...) long, via the Gumbel-max trick."""
+    return (logits.float() + gumbel_noise(logits.shape, generator, logits.device)).argmax(dim=-1)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    exclude_ids: tuple[int, ...] | list[int] = (),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample codes (B, N) from logits (B, N, V) with temperature / top-k / top-p, never drawing ``exclude_ids``."""
+    return sample_categorical(filter_logits(logits, temperature, top_k, top_p, exclude_ids), generator)
+
+
+def decode_schedule(steps: int, num_tokens: int, mode: str = "arccos") -> list[int]:
+    """Number of tokens revealed at each of ``steps`` MaskGIT steps; each >= 1 and they sum to N.
+
+    r_i = linspace(1, 0, S); v_i by mode (root 1 - sqrt(r), linear 1 - r, square 1 - r^2, cosine cos(pi r / 2),
+    arccos arccos(r) / (pi / 2)); t_i = round(N v_i / sum v); zeros become 1 and the last entry absorbs the rest.
+    Examples (N = 256, arccos): S=8 -> [1, 18, 26, 32, 38, 43, 48, 50].
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps > num_tokens:
+        raise ValueError(f"steps ({steps}) cannot exceed the number of tokens ({num_tokens})")
+    if steps == 1:
+        return [num_tokens]
+    r = torch.linspace(1, 0, steps, dtype=torch.float64)
+    if mode == "root":
+        v = 1 - r.sqrt()
+    elif mode == "linear":
+        v = 1 - r
+    elif mode == "square":
+        v = 1 - r**2
+    elif mode == "cosine":
+        v = torch.cos(r * math.pi / 2)
+    elif mode == "arccos":
+        v = torch.arccos(r) / (math.pi / 2)
+    else:
+        raise ValueError(f"unknown decode schedule {mode!r}; choose one of {', '.join(DECODE_SCHEDULES)}")
+    counts = [max(1, int(x)) for x in torch.round(num_tokens * v / v.sum()).tolist()]
+    counts[-1] = num_tokens - sum(counts[:-1])
+    # Rounding can overshoot; take the excess back from the largest earlier steps, keeping every step >= 1.
+    while counts[-1] < 1:
+        i = max(range(steps - 1), key=lambda j: counts[j])
+        counts[i] -= 1
+        counts[-1] += 1
+    return counts
+
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@torch.no_grad()
+def maskgit_decode(
+    logits_fn: LogitsFn,
+    batch_size: int,
+    num_tokens: int,
+    codebook_size: int,
+    mask_id: int,
+    steps: int = 8,
+    schedule: str = "arccos",
+    cfg_scale: float = 1.0,
+    cfg_ramp: bool = True,
+    softmax_temperature: float = 1.0,
+    choice_temperature: float = 4.5,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    return_history: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """MaskGIT iterative decoding from an all-mask sequence.
+
+    At step i the model scores every position; a token is drawn at each still-masked position; the scheduled
+    number of drawn tokens with the highest confidence ``log p + tau_i * Gumbel`` (tau_i annealed linearly from
+    ``choice_temperature`` to 0) are written and stay fixed. The mask slot is never drawn.
+
+    Args:
+        logits_fn: ``(codes (B', N), drop_condition (B',) bool or None) -> logits (B', N, V)``; with CFG it is
+            called once per step on a batch of 2B (conditional half first).
+        batch_size: B.
+        num_tokens: N.
+        codebook_size: K; logits beyond K (the mask slot) are ignored.
+        mask_id: id of the mask token.
+        steps: S.
+        schedule: how many tokens each step reveals (:func:`decode_schedule`).
+        cfg_scale: guidance w in ``l_u + w (l_c - l_u)``; 1 is a purely conditional pass.
+        cfg_ramp: ramp the scale linearly from 1 at the first step to ``cfg_scale`` at the last.
+        softmax_temperature: the logits are divided by it before sampling.
+        choice_temperature: initial Gumbel temperature of the confidence (0: pure confidence).
+        device: device of the codes.
+        generator: random source.
+        return_history: also return the codes after each step.
+
+    Returns:
+        Codes (B, N) in [0, K), and the list of per-step codes if ``return_history``.
+    """
+    counts = decode_schedule(steps, num_tokens, schedule)
+    codes = torch.full((batch_size, num_tokens), mask_id, dtype=torch.long, device=device)
+    history = []
+    for i, count in enumerate(counts):
+        still_masked = codes == mask_id  # (B, N)
+        scale = 1.0 + (cfg_scale - 1.0) * (i / (steps - 1) if steps > 1 else 1.0) if cfg_ramp else cfg_scale
+        if scale == 1.0:
+            logits = logits_fn(codes, None)
+        else:
+            drop = torch.cat([torch.zeros(batch_size, dtype=torch.bool), torch.ones(batch_size, dtype=torch.bool)])
+            both = logits_fn(codes.repeat(2, 1), drop.to(codes.device))
+            cond, uncond = both[:batch_size], both[batch_size:]
+            logits = uncond + scale * (cond - uncond)
+        logits = logits[..., :codebook_size].float() / softmax_temperature
+        drawn = sample_categorical(logits, generator)  # (B, N)
+        log_prob = logits.log_softmax(-1).gather(-1, drawn[..., None])[..., 0]
+        tau = choice_temperature * (1.0 - i / (steps - 1)) if steps > 1 else 0.0
+        if tau > 0:
+            log_prob = log_prob + tau * gumbel_noise(log_prob.shape, generator, log_prob.device)
+        confidence = log_prob.masked_fill(~still_masked, float("-inf"))
+        chosen = confidence.topk(count, dim=-1).indices  # (B, count): exactly `count` new tokens per row
+        reveal = torch.zeros_like(still_masked).scatter(1, chosen, True) & still_masked
+        codes = torch.where(reveal, drawn, codes)
+        if return_history:
+            history.append(codes.clone())
+    return (codes, history) if return_history else codes

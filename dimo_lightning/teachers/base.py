@@ -1,0 +1,249 @@
+"""The teacher contract: what Di[M]O needs from a pretrained masked diffusion model.
+
+A teacher bundles three things:
+
+* the token network (``self.network``): what student and aux are initialised from (deep copies);
+* the tokenizer (``self.tokenizer``): codes <-> images, frozen, never copied;
+* the condition encoder: class labels here; a frozen text encoder for prompt teachers. Never copied.
+
+Every call into a network (teacher, student or aux) goes through :meth:`MaskedTeacher.apply_network`, so a
+teacher with an unusual forward signature adapts it in one place. Adding a teacher is one subclass plus one config.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MaskedTeacher(nn.Module, ABC):
+    """Base class of all teachers.
+
+    Subclasses set ``self.network`` and ``self.tokenizer`` in ``__init__`` and implement the abstract members.
+    Conventions (shapes): codes are (B, N) long in [0, K] where K = ``mask_id``; logits are (B, N, V) with
+    V = ``logit_width`` (V = K + 1 when the network also scores the mask slot, V = K otherwise); images are
+    (B, C, H, W) float in [0, 1].
+    """
+
+    network: nn.Module
+    tokenizer: nn.Module
+
+    # ---- vocabulary and grid -------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def codebook_size(self) -> int:
+        """K: number of image codes."""
+
+    @property
+    @abstractmethod
+    def mask_id(self) -> int:
+        """The id of the mask token."""
+
+    @property
+    @abstractmethod
+    def logit_width(self) -> int:
+        """V: width of the logit vector (K + 1 if the mask slot is scored, else K)."""
+
+    @property
+    @abstractmethod
+    def grid_shape(self) -> tuple[int, int]:
+        """(h, w) of the token grid; N = h * w."""
+
+    @property
+    def seq_len(self) -> int:
+        """N: number of image tokens."""
+        h, w = self.grid_shape
+        return h * w
+
+    # ---- conditions ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_condition(self, batch: Any) -> Any:
+        """Turn what the DataModule yields (labels, prompts) into the condition the network consumes."""
+
+    @abstractmethod
+    def condition_batch_size(self, cond: Any) -> int:
+        """Number of samples in a condition batch."""
+
+    @abstractmethod
+    def apply_network(
+        self,
+        network: nn.Module,
+        codes: torch.Tensor,
+        cond: Any,
+        drop_condition: torch.Tensor | None = None,
+        emb_noise_sigma: float | torch.Tensor = 0.0,
+        emb_noise_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Run ``network`` (the teacher's, the student's or the aux's) on codes (B, N) -> logits (B, N, V).
+
+        ``drop_condition`` (B,) bool selects the unconditional branch per sample. ``emb_noise_sigma`` perturbs the
+        image-token embeddings (student input only), scaled by ``emb_noise_scale``.
+        """
+
+    @abstractmethod
+    def repeat_condition(self, cond: Any, repeats: int) -> Any:
+        """The condition batch concatenated ``repeats`` times along the batch axis (for batched CFG)."""
+
+    # ---- images --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, N) in [0, K) -> images (B, C, H, W) in [0, 1]."""
+
+    def embedding_rms(self, network: nn.Module | None = None) -> float:
+        """RMS of the clean image-token embeddings (for noise relative to the embeddings' scale)."""
+        net = self.network if network is None else network
+        if not hasattr(net, "code_embedding_rms"):
+            raise NotImplementedError(f"{type(self).__name__} must implement embedding_rms()")
+        return net.code_embedding_rms()
+
+    def frozen_parameter_names(self) -> list[str]:
+        """Names (within the network) of embedding/output-head parameters frozen by ``fix_emb_layer``."""
+        return []
+
+    # ---- conveniences --------------------------------------------------------------------------------------
+    def forward(self, codes: torch.Tensor, cond: Any, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher logits (B, N, V)."""
+        return self.apply_network(self.network, codes, cond, drop_condition)
+
+    def guided_logits(
+        self,
+        network: nn.Module,
+        codes: torch.Tensor,
+        cond: Any,
+        cfg_scale: float | torch.Tensor,
+    ) -> torch.Tensor:
+        """Classifier-free guided logits ``l_u + w (l_c - l_u)`` in one batched pass of 2B.
+
+        Args:
+            network: the network to run.
+            codes: (B, N).
+            cond: condition batch of size B.
+            cfg_scale: scalar or (B,) guidance scale w; w == 1 everywhere runs only the conditional pass.
+
+        Returns:
+            (B, N, V) logits.
+        """
+        scale = torch.as_tensor(cfg_scale, dtype=torch.float32, device=codes.device)
+        if bool((scale == 1).all()):
+            return self.apply_network(network, codes, cond)
+        b = codes.shape[0]
+        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(codes.device)
+        logits = self.apply_network(network, codes.repeat(2, 1), self.repeat_condition(cond, 2), drop)
+        cond_logits, uncond_logits = logits[:b], logits[b:]
+        scale = scale.reshape(-1, 1, 1) if scale.ndim else scale
+        return uncond_logits + scale.to(logits.dtype) * (cond_logits - uncond_logits)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Any,
+        steps: int = 8,
+        cfg_scale: float = 1.0,
+        cfg_ramp: bool = True,
+        schedule: str = "arccos",
+        softmax_temperature: float = 1.0,
+        choice_temperature: float = 4.5,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Multi-step MaskGIT decoding of the teacher -> codes (B, N) in [0, K) (no mask left).
+
+        See :func:`dimo_lightning.sampling.maskgit_decode` for the arguments.
+        """
+        from dimo_lightning.sampling import maskgit_decode
+
+        b = self.condition_batch_size(cond)
+        doubled = self.repeat_condition(cond, 2)
+        device = next(self.network.parameters()).device
+
+        def logits_fn(codes: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+            return self.apply_network(self.network, codes, cond if drop is None else doubled, drop)
+
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            return maskgit_decode(
+                logits_fn, b, self.seq_len, self.codebook_size, self.mask_id, steps=steps, schedule=schedule,
+                cfg_scale=cfg_scale, cfg_ramp=cfg_ramp, softmax_temperature=softmax_temperature,
+                choice_temperature=choice_temperature, device=device, generator=generator,
+            )
+        finally:
+            self.network.train(was_training)
+
+    def check_codes(self, codes: torch.Tensor, allow_mask: bool = True) -> None:
+        """Raise ``ValueError`` if codes fall outside the vocabulary."""
+        high = self.mask_id if allow_mask else self.codebook_size - 1
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > high):
+            raise ValueError(
+                f"codes must lie in [0, {high}] (codebook {self.codebook_size}"
+                f"{', mask id ' + str(self.mask_id) if allow_mask else ''}); got range "
+                f"[{int(codes.min())}, {int(codes.max())}]"
+            )
+
+
+class ClassConditionalTeacher(MaskedTeacher):
+    """A teacher whose network is a :class:`~dimo_lightning.nn.MaskTransformer` conditioned on class labels.
+
+    Subclasses set ``self.network`` (a MaskTransformer) and ``self.tokenizer`` (with ``decode(codes (B, h, w))``).
+    The logits include the mask slot (V = K + 1), as MaskGIT's do; samplers exclude it.
+    """
+
+    @property
+    def codebook_size(self) -> int:
+        return self.network.codebook_size
+
+    @property
+    def mask_id(self) -> int:
+        return self.network.mask_id
+
+    @property
+    def logit_width(self) -> int:
+        return self.network.logit_width
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return (self.network.grid_size, self.network.grid_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.network.num_classes
+
+    def encode_condition(self, batch: Any) -> torch.Tensor:
+        labels = batch[0] if isinstance(batch, (list, tuple)) else batch
+        labels = torch.as_tensor(labels).long()
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"class labels must lie in [0, {self.num_classes}); got [{int(labels.min())}, {int(labels.max())}]"
+            )
+        return labels
+
+    def condition_batch_size(self, cond: torch.Tensor) -> int:
+        return cond.shape[0]
+
+    def repeat_condition(self, cond: torch.Tensor, repeats: int) -> torch.Tensor:
+        return cond.repeat(repeats)
+
+    def apply_network(
+        self,
+        network: nn.Module,
+        codes: torch.Tensor,
+        cond: torch.Tensor,
+        drop_condition: torch.Tensor | None = None,
+        emb_noise_sigma: float | torch.Tensor = 0.0,
+        emb_noise_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        return network(codes, cond, drop_condition, emb_noise_sigma, emb_noise_scale, generator)
+
+    def frozen_parameter_names(self) -> list[str]:
+        # The tied token table (input embedding and output projection), the output bias and the positions:
+        # what the official code freezes with fix_emb_layer (spec section 4).
+        return ["tok_emb.weight", "bias", "pos_emb"]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        self.check_codes(codes, allow_mask=False)
+        h, w = self.grid_shape
+        return self.tokenizer.decode(codes.reshape(-1, h, w))

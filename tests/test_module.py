@@ -1,0 +1,188 @@
+"""DiMOModule: optimizer wiring, teacher isolation, aux rounds, resume equality, NaN robustness."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from dimo_lightning.callbacks.ema import StudentEMA
+from dimo_lightning.data.labels import ClassLabelDataModule
+from dimo_lightning.module import DiMOModule
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        self.rows.append(
+            (pl_module.iteration, batch.tolist(), float(m["train/loss_aux"]),
+             float(m["train/loss_gen"]) if "train/loss_gen" in m else None)
+        )
+
+
+def make_trainer(tmp_path, callbacks=(), **kwargs):
+    return pl.Trainer(
+        accelerator="cpu", max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=list(callbacks), deterministic=True, **kwargs,
+    )
+
+
+def make_module(teacher, **kwargs):
+    defaults = dict(max_generator_steps=3, r_init=[0.3, 0.9], emb_noise_sigma=0.2, emb_noise_relative=True,
+                    divergence_beta=0.5, seed=7)
+    defaults.update(kwargs)
+    return DiMOModule(teacher, **defaults)
+
+
+def test_teacher_frozen_and_outside_optimizers_and_checkpoints(tiny_teacher, tmp_path):
+    module = make_module(tiny_teacher, enable_checkpointing=None) if False else make_module(tiny_teacher)
+    before = {k: v.clone() for k, v in tiny_teacher.state_dict().items()}
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path, [ckpt, StudentEMA(0.9)])
+    trainer.fit(module, ClassLabelDataModule(10, 8, 4))
+    assert module.generator_step == 3
+    assert not tiny_teacher.training and not tiny_teacher.network.training
+    assert module.student.training and module.aux.training
+    for k, v in tiny_teacher.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher tensor {k} changed"
+    opt_params = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in tiny_teacher.parameters()}
+    assert opt_params  # something is trained
+    # the student actually moved away from the teacher
+    assert any(not torch.equal(a, b) for a, b in zip(module.student.parameters(), tiny_teacher.network.parameters()))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert not [k for k in saved["state_dict"] if k.startswith("teacher.")]
+    assert any(k.startswith("student.") for k in saved["state_dict"])
+    assert any(k.startswith("aux.") for k in saved["state_dict"])
+    assert saved["dimo"]["generator_step"] == 3
+    assert len(saved["optimizer_states"]) == 2
+    ema_state = next(v for k, v in saved["callbacks"].items() if "StudentEMA" in k)
+    assert set(ema_state["weights"]) == set(module.student.state_dict())
+
+
+def test_fix_emb_layer_freezes_tied_table(tiny_teacher, tmp_path):
+    module = make_module(tiny_teacher, max_generator_steps=2)
+    frozen = module.student.tok_emb.weight.clone()
+    make_trainer(tmp_path).fit(module, ClassLabelDataModule(10, 8, 4))
+    assert torch.equal(module.student.tok_emb.weight, frozen)
+    assert not module.student.tok_emb.weight.requires_grad
+
+
+def test_aux_rounds_parity(tiny_teacher, tmp_path):
+    module = make_module(tiny_teacher, max_generator_steps=2, aux_rounds=3)
+    trainer = make_trainer(tmp_path)
+    trainer.fit(module, ClassLabelDataModule(10, 8, 10))
+    # generator steps at iterations 0 and 3; stop after iteration 3 -> 4 iterations, 4 aux steps
+    assert module.iteration == 4
+    assert module.generator_step == 2
+    assert trainer.global_step == 2 + 4  # global_step counts both optimizers
+
+
+def test_resume_continues_exactly(tiny_teacher, tmp_path):
+    data_kwargs = dict(num_classes=10, batch_size=8, batches_per_epoch=3)
+    full_rec = Recorder()
+    full = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=6)
+    make_trainer(tmp_path / "full", [full_rec]).fit(full, ClassLabelDataModule(**data_kwargs))
+
+    first_rec = Recorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    part = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=4)
+    make_trainer(tmp_path / "a", [first_rec, ckpt]).fit(part, ClassLabelDataModule(**data_kwargs))
+
+    second_rec = Recorder()
+    resumed = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=6)
+    make_trainer(tmp_path / "b", [second_rec]).fit(
+        resumed, ClassLabelDataModule(**data_kwargs), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert first_rec.rows + second_rec.rows == full_rec.rows
+    for a, b in zip(full.student.parameters(), resumed.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class PoisonStudent(Callback):
+    """Fills the student's output layer with NaN before iteration ``at`` and records the weights around it."""
+
+    def __init__(self, at):
+        self.at = at
+        self.before = self.after = None
+        self.skipped = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.iteration == self.at:
+            with torch.no_grad():
+                pl_module.student.last_layer[2].weight.fill_(float("nan"))
+            self.before = copy.deepcopy((pl_module.student.state_dict(), pl_module.aux.state_dict()))
+            self.skipped = pl_module.skipped_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.iteration == self.at + 1:
+            self.after = copy.deepcopy((pl_module.student.state_dict(), pl_module.aux.state_dict()))
+            self.valid_rows = float(trainer.callback_metrics["train/valid_rows_gen"])
+            trainer.should_stop = True
+
+
+def test_nan_batch_is_skipped_without_changing_weights(tiny_teacher, tmp_path):
+    module = make_module(tiny_teacher, max_generator_steps=10)
+    poison = PoisonStudent(at=2)  # after two real steps, so Adam momentum would move the weights
+    make_trainer(tmp_path, [poison]).fit(module, ClassLabelDataModule(10, 8, 10))
+    assert poison.after is not None, "training stopped before the poisoned iteration"
+    for before, after in zip(poison.before, poison.after):
+        for k in before:
+            assert torch.equal(before[k].nan_to_num(0.5), after[k].nan_to_num(0.5)), f"{k} changed"
+    assert poison.valid_rows == 0.0
+    assert module.skipped_steps == poison.skipped + 2  # generator and aux updates both skipped
+    assert module.generator_step == 2
+
+
+def test_nonfinite_gradient_step_is_skipped(tiny_teacher, tmp_path):
+    module = make_module(tiny_teacher, max_generator_steps=1)
+    make_trainer(tmp_path).fit(module, ClassLabelDataModule(10, 8, 2))
+    opt_g, _ = module.optimizers()
+    before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    for p in module.student.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, float("inf"))
+    skipped = module.skipped_steps
+    assert module._clip_and_step(opt_g, module.student, 1.0) is None
+    assert module.skipped_steps == skipped + 1
+    for k, v in module.student.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in module.student.parameters())
+
+
+def test_accumulation_matches_one_big_batch_gradient(tiny_teacher):
+    """Two micro-batches of 4 give the same generator gradient as the math on the full batch of 8."""
+    from dimo_lightning.losses import generator_loss
+
+    z = torch.randn(8, 49, 17, requires_grad=True)
+    g = torch.randn(8, 49, 17)
+    m = torch.rand(8, 49) < 0.5
+    generator_loss(z, g, m).backward()
+    full = z.grad.clone()
+    z.grad = None
+    for zs, gs, ms in zip(z.split(4), g.split(4), m.split(4)):
+        (generator_loss(zs, gs, ms) / 2).backward()
+    torch.testing.assert_close(z.grad, full)
+
+
+@pytest.mark.parametrize("bad", [dict(aux_sample="both"), dict(gen_mask_schedule="cubic"), dict(r_init=[0.9, 0.1]),
+                                 dict(emb_noise_sigma=1.5), dict(aux_rounds=0)])
+def test_bad_arguments_name_the_flag(tiny_teacher, bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        DiMOModule(tiny_teacher, **bad)
+
+
+def test_generate_returns_codes_without_mask(tiny_teacher):
+    module = make_module(tiny_teacher)
+    codes = module.generate(torch.arange(10))
+    assert codes.shape == (10, 49)
+    assert int(codes.max()) < tiny_teacher.codebook_size
+    images = tiny_teacher.decode(codes)
+    assert images.shape == (10, 1, 28, 28)
