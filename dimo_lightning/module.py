@@ -388,7 +388,7 @@ class DiMOModule(pl.LightningModule):
             samples.append((x, z.detach()))
             loss_total += loss.detach() / parts
             kept_rows += valid.float().mean() / parts
-        norm = self._clip_and_step(opt_g, self.student, hp.gen_grad_clip, any_valid=bool(kept_rows > 0))
+        norm = self._clip_and_step(opt_g, self.student, hp.gen_grad_clip, any_valid=self._any_rank(kept_rows))
         if norm is not None:
             self.generator_step += 1
             if sch_g is not None:
@@ -428,7 +428,7 @@ class DiMOModule(pl.LightningModule):
                 self.manual_backward(loss / parts)
             loss_total += loss.detach() / parts
             kept_rows += valid.float().mean() / parts
-        norm = self._clip_and_step(opt_a, self.aux, hp.aux_grad_clip, any_valid=bool(kept_rows > 0))
+        norm = self._clip_and_step(opt_a, self.aux, hp.aux_grad_clip, any_valid=self._any_rank(kept_rows))
         if norm is not None and sch_a is not None:
             sch_a.step()
         return {
@@ -436,6 +436,10 @@ class DiMOModule(pl.LightningModule):
             "train/grad_norm_aux": norm if norm is not None else float("nan"),
             "train/valid_rows_aux": kept_rows,
         }
+
+    def _any_rank(self, kept_rows: torch.Tensor) -> bool:
+        """True if any rank kept a row: the step decision must be the same on every rank (weights stay in sync)."""
+        return bool(self.trainer.strategy.reduce(kept_rows.detach().float(), reduce_op="sum") > 0)
 
     def _clip_and_step(
         self, optimizer, network: nn.Module, max_norm: float, any_valid: bool = True

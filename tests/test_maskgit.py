@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import make_tiny_vqgan, write_vqgan_folder
 from torch import nn
 
 from dimo_lightning.nn.transformer import MaskTransformer, PackedSelfAttention, count_parameters
@@ -84,43 +84,7 @@ def write_maskgit_pth(net: MaskTransformer, path: Path, prefix: str = "") -> Pat
 
 
 def tiny_vqgan(seed: int = 1) -> VQGANTokenizer:
-    torch.manual_seed(seed)
-    model = VQGANTokenizer(**VQ)
-    with torch.no_grad():
-        model.quantize.embedding.weight.normal_()
-    return model.eval()
-
-
-def write_vqgan_folder(model: VQGANTokenizer, folder: Path, layout: str = "hf", n_embed: int | None = None) -> Path:
-    """Save like the published VQGAN: Lightning-style last.ckpt (with loss.* tensors) + OmegaConf model.yaml."""
-    sub_cfg, sub_ckpt = ("", "") if layout == "hf" else ("configs", "ckpts")
-    (folder / sub_cfg).mkdir(parents=True, exist_ok=True)
-    (folder / sub_ckpt).mkdir(parents=True, exist_ok=True)
-    ddconfig = {"double_z": False, **{k: v for k, v in VQ.items() if k not in ("embed_dim", "n_embed")}}
-    config = {
-        "model": {
-            "base_learning_rate": 4.5e-6,
-            "target": "taming.models.vqgan.VQModel",
-            "params": {
-                "embed_dim": VQ["embed_dim"],
-                "n_embed": n_embed or VQ["n_embed"],
-                "ddconfig": ddconfig,
-                "lossconfig": {
-                    "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-                    "params": {"disc_conditional": False, "disc_in_channels": 3, "disc_start": 250001},
-                },
-            },
-        }
-    }
-    (folder / sub_cfg / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    state = dict(model.state_dict())
-    state["loss.perceptual_loss.net.slice1.0.weight"] = torch.randn(4, 3, 3, 3)
-    state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
-    torch.save(
-        {"epoch": 1, "global_step": 10, "state_dict": state, "optimizer_states": [], "lr_schedulers": []},
-        folder / sub_ckpt / "last.ckpt",
-    )
-    return folder
+    return make_tiny_vqgan(VQ, seed)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +96,7 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "net": net.eval(),
         "vq": vq,
         "pth": write_maskgit_pth(net, root / "MaskGIT" / "MaskGIT_ImageNet_64.pth"),
-        "vqgan": write_vqgan_folder(vq, root / "VQGAN"),
+        "vqgan": write_vqgan_folder(vq, VQ, root / "VQGAN"),
         "root": root,
     }
 
@@ -187,7 +151,7 @@ def test_teacher_decode(released: dict) -> None:
 
 def test_module_prefix_and_taming_layout(released: dict, tmp_path: Path) -> None:
     pth = write_maskgit_pth(released["net"], tmp_path / "ddp.pth", prefix="module.")
-    vqgan = write_vqgan_folder(released["vq"], tmp_path / "VQGAN", layout="taming")
+    vqgan = write_vqgan_folder(released["vq"], VQ, tmp_path / "VQGAN", layout="taming")
     teacher = load_teacher(pth, vqgan)
     codes = torch.randint(0, 17, (2, 16))
     labels = torch.tensor([3, 4])
@@ -229,7 +193,7 @@ def test_unexpected_missing_and_mismatched_keys(released: dict, tmp_path: Path) 
 
 
 def test_codebook_mismatch_names_both_files(released: dict, tmp_path: Path) -> None:
-    vqgan = write_vqgan_folder(tiny_vqgan(), tmp_path / "VQGAN32")
+    vqgan = write_vqgan_folder(tiny_vqgan(), VQ, tmp_path / "VQGAN32")
     text = (vqgan / "model.yaml").read_text().replace("n_embed: 16", "n_embed: 32")
     (vqgan / "model.yaml").write_text(text)
     with pytest.raises(ValueError, match="codebook mismatch") as err:

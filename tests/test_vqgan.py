@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
+from helpers import make_tiny_vqgan, write_vqgan_folder
 
-from dimo_lightning.tokenizers.vqgan import VQGANTokenizer, load_torch_file
+from dimo_lightning.checkpoints import load_torch_file
+from dimo_lightning.tokenizers.vqgan import VQGANTokenizer
 
 torch.set_num_threads(1)
 
@@ -21,57 +22,7 @@ TINY = dict(
 
 
 def tiny_vqgan(seed: int = 0) -> VQGANTokenizer:
-    torch.manual_seed(seed)
-    model = VQGANTokenizer(**TINY)
-    with torch.no_grad():  # non-trivial norms/biases, so that a swapped weight/bias would show in the outputs
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-        model.quantize.embedding.weight.normal_()
-    return model.eval()
-
-
-def write_vqgan_folder(model: VQGANTokenizer, config: dict, folder: Path, layout: str = "hf") -> Path:
-    """Save ``model`` like the published VQGAN: Lightning-style last.ckpt (with loss.* keys) + OmegaConf model.yaml."""
-    config_path, ckpt_path = {
-        "hf": (folder / "model.yaml", folder / "last.ckpt"),
-        "taming": (folder / "configs" / "model.yaml", folder / "ckpts" / "last.ckpt"),
-    }[layout]
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-    ddconfig = {"double_z": False, **{k: v for k, v in config.items() if k not in ("embed_dim", "n_embed")}}
-    yaml_config = {
-        "model": {
-            "base_learning_rate": 4.5e-6,
-            "target": "taming.models.vqgan.VQModel",
-            "params": {
-                "embed_dim": config["embed_dim"],
-                "n_embed": config["n_embed"],
-                "ddconfig": ddconfig,
-                "lossconfig": {
-                    "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-                    "params": {"disc_conditional": False, "disc_in_channels": 3, "disc_start": 0,
-                               "disc_weight": 0.75, "codebook_weight": 1.0},
-                },
-            },
-        }
-    }
-    config_path.write_text(yaml.safe_dump(yaml_config, sort_keys=False))
-    state = dict(model.state_dict())
-    state["loss.perceptual_loss.net.slice1.0.weight"] = torch.randn(4, 3, 3, 3)
-    state["loss.perceptual_loss.lin0.model.1.weight"] = torch.randn(1, 4, 1, 1)
-    state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
-    state["loss.logvar"] = torch.zeros(())
-    opt = torch.optim.Adam(model.decoder.conv_out.parameters())
-    model.decoder.conv_out.weight.sum().backward()
-    opt.step()
-    model.zero_grad(set_to_none=True)
-    torch.save(
-        {"epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.0.8", "state_dict": state,
-         "optimizer_states": [opt.state_dict()], "lr_schedulers": []},
-        ckpt_path,
-    )
-    return folder
+    return make_tiny_vqgan(TINY, seed)
 
 
 # ---- full size, meta device --------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from dimo_lightning.checkpoints import load_state_dict_checked, load_torch_file
 from dimo_lightning.nn.transformer import MaskTransformer
 from dimo_lightning.teachers.base import ClassConditionalTeacher
-from dimo_lightning.tokenizers.vqgan import HF_REPO, VQGANTokenizer, load_state_dict_checked, load_torch_file
+from dimo_lightning.tokenizers.vqgan import HF_REPO, VQGANTokenizer
 
 HF_MASKGIT_FILES = (
     "pretrained_maskgit/MaskGIT/MaskGIT_ImageNet_256.pth",

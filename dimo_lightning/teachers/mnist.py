@@ -5,39 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dimo_lightning.assets import asset_path
+from dimo_lightning.checkpoints import load_state_dict_checked
 from dimo_lightning.nn.transformer import MaskTransformer
 from dimo_lightning.teachers.base import ClassConditionalTeacher
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
-
-
-def load_network_state(network: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load ``state`` into ``network`` strictly; mismatches raise ``ValueError`` listing the keys and the file."""
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong_shape:
-        def show(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} shape mismatches: {show(wrong_shape)}")
-        raise ValueError(f"checkpoint {source} does not match the network: " + "; ".join(parts))
-    network.load_state_dict(state, strict=True)
 
 
 class MNISTTeacher(ClassConditionalTeacher):
@@ -68,7 +43,7 @@ class MNISTTeacher(ClassConditionalTeacher):
             state = load_file(str(weights))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read teacher weights {weights}: {err}") from err
-        load_network_state(self.network, state, weights)
+        load_state_dict_checked(self.network, state, str(weights), hint=f"Is {config_path} the architecture of it?")
         self.tokenizer = PatchVQTokenizer.from_file(codebook)
         if self.tokenizer.codebook_size != self.network.codebook_size:
             raise ValueError(
