@@ -87,7 +87,8 @@ def test_shipped_teacher_quality_at_16_steps():
     classifier = load_classifier()
     results = {}
     for steps in (1, 16):
-        codes = teacher.sample(labels, steps=steps, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+        codes = teacher.sample(labels, steps=steps, cfg_scale=2.0, choice_temperature=16.0,
+                               generator=torch.Generator().manual_seed(0))
         images = teacher.decode(codes)
         accuracy = float((predict(classifier, images) == labels).float().mean())
         results[steps] = (accuracy, pca_frechet_distance(images[:, 0], real))
