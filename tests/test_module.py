@@ -41,7 +41,7 @@ def make_module(teacher, **kwargs):
 
 
 def test_teacher_frozen_and_outside_optimizers_and_checkpoints(tiny_teacher, tmp_path):
-    module = make_module(tiny_teacher, enable_checkpointing=None) if False else make_module(tiny_teacher)
+    module = make_module(tiny_teacher)
     before = {k: v.clone() for k, v in tiny_teacher.state_dict().items()}
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = make_trainer(tmp_path, [ckpt, StudentEMA(0.9)])

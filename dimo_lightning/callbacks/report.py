@@ -67,8 +67,9 @@ class EvaluationReport(Callback):
             cfg = self.teacher_cfg_scale if self.teacher_cfg_scale is not None else pl_module.hparams.teacher_cfg_scale
             rank_zero_info(f"Evaluating teacher ({self.teacher_steps} steps, CFG {cfg}) and student on "
                            f"{self.num_samples} samples against {self.reference} ...")
+            student = evaluation_student(pl_module)
             self.rows = evaluate(
-                pl_module.teacher, evaluation_student(pl_module), student_sampler(pl_module), reference,
+                pl_module.teacher, student, student_sampler(pl_module), reference,
                 num_samples=self.num_samples, teacher_steps=self.teacher_steps, teacher_cfg_scale=cfg,
                 teacher_choice_temperature=self.teacher_choice_temperature, batch_size=self.batch_size,
                 seed=self.seed, extractor=self.extractor, weights_path=self.weights_path,
@@ -79,7 +80,7 @@ class EvaluationReport(Callback):
                 "num_samples": self.num_samples,
                 "reference": self.reference,
                 "teacher_cfg_scale": cfg,
-                "student": "ema" if evaluation_student(pl_module) is not pl_module.student else "raw",
+                "student": "ema" if student is not pl_module.student else "raw",
             }
             json_path, md_path = write_report(self.rows, run_directory(trainer), meta)
             print("\n" + format_table(self.rows) + "\n")
