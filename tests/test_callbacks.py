@@ -21,8 +21,10 @@ from dimo_lightning.module import DiMOModule
 
 
 def trainer(tmp_path, callbacks, **kwargs):
+    # default_root_dir: fast_dev_run swaps the logger for a dummy one, and files must still land under tmp_path
     return pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="run"), enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0, **kwargs)
+                      enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+                      default_root_dir=tmp_path, **kwargs)
 
 
 def test_callbacks_under_fast_dev_run(tiny_teacher, tmp_path):
@@ -36,6 +38,7 @@ def test_callbacks_under_fast_dev_run(tiny_teacher, tmp_path):
         assert name in metrics and torch.isfinite(metrics[name])
     assert float(metrics["val/fid"]) > 0
     assert grid.last_path is not None and grid.last_path.is_file()
+    assert grid.last_path.is_relative_to(tmp_path)
 
 
 def test_report_schema_and_files(tiny_teacher, tmp_path, capsys):
