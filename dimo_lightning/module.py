@@ -67,6 +67,9 @@ class DiMOModule(pl.LightningModule):
         teacher_cfg_scale: guidance scale of the teacher's targets (1 disables CFG).
         adaptive_cfg: per-sample scale 1 + (w - 1) * mask ratio.
         teacher_eval: keep the teacher in eval mode (no dropout in the targets); False mimics the official code.
+        train_dropout: run student and aux in train mode while they learn (dropout on, as the official code);
+            False runs them in eval mode: deterministic updates and, for small models on a CPU, about 1.7x
+            faster iterations (dropout draws dominate there).
         aux_cfg_drop_ratio: share of aux training samples whose label is replaced by the null class.
         aux_label_smoothing: label smoothing of the aux cross-entropy.
         aux_soft_weight: weight of the soft (KL to student probabilities) aux loss; 0 is hard CE only.
@@ -115,6 +118,7 @@ class DiMOModule(pl.LightningModule):
         teacher_cfg_scale: float = 2.0,
         adaptive_cfg: bool = False,
         teacher_eval: bool = True,
+        train_dropout: bool = True,
         aux_cfg_drop_ratio: float = 0.0,
         aux_label_smoothing: float = 0.1,
         aux_soft_weight: float = 0.0,
@@ -150,8 +154,8 @@ class DiMOModule(pl.LightningModule):
         self._set_teacher_mode()
         # Student and aux start as copies of the teacher's token network; tokenizer and condition encoder stay
         # with the teacher and are never copied.
-        self.student = copy.deepcopy(teacher.network).train().requires_grad_(True)
-        self.aux = copy.deepcopy(teacher.network).train().requires_grad_(True)
+        self.student = copy.deepcopy(teacher.network).train(train_dropout).requires_grad_(True)
+        self.aux = copy.deepcopy(teacher.network).train(train_dropout).requires_grad_(True)
         if fix_emb_layer:
             for name in teacher.frozen_parameter_names():
                 for net in (self.student, self.aux):
@@ -302,8 +306,8 @@ class DiMOModule(pl.LightningModule):
     @override
     def on_train_epoch_start(self) -> None:
         # Lightning leaves module modes alone since 2.2, but a validation loop could have flipped them.
-        self.student.train()
-        self.aux.train()
+        self.student.train(self.hparams.train_dropout)
+        self.aux.train(self.hparams.train_dropout)
         self._set_teacher_mode()
 
     @override

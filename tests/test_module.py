@@ -186,3 +186,26 @@ def test_generate_returns_codes_without_mask(tiny_teacher):
     assert int(codes.max()) < tiny_teacher.codebook_size
     images = tiny_teacher.decode(codes)
     assert images.shape == (10, 1, 28, 28)
+
+
+class ModeRecorder(Callback):
+    def __init__(self):
+        self.modes = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.modes.add((pl_module.student.training, pl_module.aux.training, pl_module.teacher.network.training))
+
+
+@pytest.mark.parametrize("train_dropout", [True, False])
+def test_train_dropout_sets_student_and_aux_modes(tiny_teacher, tmp_path, train_dropout):
+    module = make_module(tiny_teacher, train_dropout=train_dropout)
+    recorder = ModeRecorder()
+    make_trainer(tmp_path, [recorder]).fit(module, ClassLabelDataModule(10, 8, 4))
+    assert recorder.modes == {(train_dropout, train_dropout, False)}
+    # the tiny teacher has dropout 0.1: the student's training forward is random with it and repeatable without
+    cond = tiny_teacher.encode_condition(torch.arange(8) % 10)
+
+    def forward():
+        return module.student_logits(module.student, cond, 0.6, 0.0, torch.Generator().manual_seed(3))
+
+    assert torch.equal(forward(), forward()) is (not train_dropout)
