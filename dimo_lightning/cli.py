@@ -8,9 +8,13 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 
@@ -26,6 +30,52 @@ class DiMOCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
         super().__init__(pl.LightningModule, pl.LightningDataModule, *args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the given config when ``--ckpt_path`` is set, and say where it differs from the checkpoint.
+
+        LightningCLI would overwrite the model's arguments with those saved in the checkpoint, silently dropping
+        the command line: ``--model.init_args.max_generator_steps`` when extending a run, ``predict_with=teacher``
+        for ``dimo predict``, sampling knobs for ``dimo validate``. Here the YAML and flags win, as they do for
+        the trainer and the data.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_file():
+            return  # the trainer resolves the aliases and reports a missing file itself
+        try:
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except Exception as err:  # a truncated or foreign file: name it instead of a bare unpickling error
+            raise SystemExit(f"dimo: cannot read the checkpoint {ckpt_path} (--ckpt_path): {err}") from err
+        saved = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        model = self.config[subcommand].get("model")
+        init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        changed = differing_arguments(saved, init_args)
+        if changed:
+            lines = "".join(f"\n  {key}: {old!r} -> {new!r}" for key, old, new in changed)
+            sys.stderr.write(
+                f"dimo: {len(changed)} model argument(s) differ from those saved in {ckpt_path}; "
+                f"using the config's:{lines}\n"
+            )
+
+
+def differing_arguments(saved: dict[str, Any], init_args: Any) -> list[tuple[str, Any, Any]]:
+    """``(name, checkpoint value, config value)`` for each plain-valued model argument that differs."""
+    if not saved or init_args is None:
+        return []
+    plain = (bool, int, float, str, type(None), list, tuple)
+    changed = []
+    for key, old in saved.items():
+        if key.startswith("_") or key not in init_args or not isinstance(old, plain):
+            continue
+        new = init_args[key]
+        if isinstance(new, plain) and (list(new) if isinstance(new, tuple) else new) != (
+            list(old) if isinstance(old, tuple) else old
+        ):
+            changed.append((key, old, new))
+    return changed
 
 
 def _has_omegaconf() -> bool:

@@ -59,3 +59,39 @@ def test_teacher_pretraining_fast_dev_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(ROOT / "configs/mnist/teacher.yaml"), "--trainer.fast_dev_run=2",
           "--data.init_args.batch_size=16", "--trainer.enable_progress_bar=false"])
+
+
+def _mnist_dimo_args(steps: int) -> list[str]:
+    """The demo config shrunk to seconds: tiny batches, no evaluation callbacks."""
+    return [
+        "--config", str(ROOT / "configs/mnist/dimo.yaml"), "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
+        "init_args: {save_last: true}}]",
+        f"--model.init_args.max_generator_steps={steps}", "--data.init_args.batch_size=4",
+        "--data.init_args.batches_per_epoch=2",
+    ]
+
+
+def test_resume_with_ckpt_path_keeps_command_line_arguments(tmp_path, monkeypatch, capsys):
+    """LightningCLI alone would replace --model.init_args.* with the checkpoint's values: extend a run instead."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *_mnist_dimo_args(2)])
+    first = tmp_path / "runs/mnist_dimo/version_0/checkpoints/last.ckpt"
+    assert torch.load(first, weights_only=False)["dimo"]["generator_step"] == 2
+    capsys.readouterr()
+    main(["fit", *_mnist_dimo_args(5), "--ckpt_path", str(first)])
+    err = capsys.readouterr().err
+    assert "max_generator_steps: 2 -> 5" in err and str(first) in err
+    resumed = torch.load(tmp_path / "runs/mnist_dimo/version_1/checkpoints/last.ckpt", weights_only=False)
+    assert resumed["dimo"]["generator_step"] == 5
+    assert resumed["hyper_parameters"]["max_generator_steps"] == 5
+
+
+def test_corrupt_ckpt_path_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(SystemExit, match="broken.ckpt"):
+        main(["validate", *_mnist_dimo_args(2), "--ckpt_path", str(bad)])
