@@ -87,8 +87,11 @@ def test_shipped_teacher_quality_at_16_steps():
     classifier = load_classifier()
     results = {}
     for steps in (1, 16):
-        codes = teacher.sample(labels, steps=steps, cfg_scale=2.0, choice_temperature=16.0,
-                               generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        codes = torch.cat([  # batches of 250: a third faster on CPU than one batch of 1,000
+            teacher.sample(chunk, steps=steps, cfg_scale=2.0, choice_temperature=16.0, generator=generator)
+            for chunk in labels.split(250)
+        ])
         images = teacher.decode(codes)
         accuracy = float((predict(classifier, images) == labels).float().mean())
         results[steps] = (accuracy, pca_frechet_distance(images[:, 0], real))
