@@ -24,7 +24,7 @@ test-all: install ## Run every CPU test, slow ones included
 	$(BIN)/pytest -q -m "not gpu"
 
 lint: install ## Ruff lint
-	$(BIN)/ruff check dimo_lightning tests
+	$(BIN)/ruff check dimo_lightning tests scripts
 
 format: install ## Ruff format and import sorting
 	$(BIN)/ruff check --fix --select I dimo_lightning tests
