@@ -27,8 +27,8 @@ lint: install ## Ruff lint
 	$(BIN)/ruff check dimo_lightning tests scripts
 
 format: install ## Ruff format and import sorting
-	$(BIN)/ruff check --fix --select I dimo_lightning tests
-	$(BIN)/ruff format dimo_lightning tests
+	$(BIN)/ruff check --fix --select I dimo_lightning tests scripts
+	$(BIN)/ruff format dimo_lightning tests scripts
 
 demo: install ## The main job: distill the MNIST teacher on CPU and print the evaluation table
 	$(BIN)/dimo fit --config configs/mnist/dimo.yaml

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,13 @@ class DiMOCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_file():
-            return  # the trainer resolves the aliases and reports a missing file itself
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # aliases such as "last", and missing files, are the trainer's to resolve and report
         try:
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            # Only the hyperparameters are read here; the trainer loads the weights afterwards. Memory-mapping a
+            # zip checkpoint (torch.save's format) keeps this from reading a multi-GB file twice.
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu",
+                                    mmap=zipfile.is_zipfile(ckpt_path))
         except Exception as err:  # a truncated or foreign file: name it instead of a bare unpickling error
             raise SystemExit(f"dimo: cannot read the checkpoint {ckpt_path} (--ckpt_path): {err}") from err
         saved = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
@@ -66,14 +70,16 @@ def differing_arguments(saved: dict[str, Any], init_args: Any) -> list[tuple[str
     if not saved or init_args is None:
         return []
     plain = (bool, int, float, str, type(None), list, tuple)
+
+    def comparable(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value  # YAML gives lists where Python saved tuples
+
     changed = []
     for key, old in saved.items():
         if key.startswith("_") or key not in init_args or not isinstance(old, plain):
             continue
         new = init_args[key]
-        if isinstance(new, plain) and (list(new) if isinstance(new, tuple) else new) != (
-            list(old) if isinstance(old, tuple) else old
-        ):
+        if isinstance(new, plain) and comparable(new) != comparable(old):
             changed.append((key, old, new))
     return changed
 
