@@ -62,6 +62,7 @@ class EvaluationReport(Callback):
         self.rows = None
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        directory = run_directory(trainer)  # a collective (log_dir broadcasts): every rank, before the branch
         if trainer.is_global_zero:
             reference, _ = load_reference(self.reference)
             cfg = self.teacher_cfg_scale if self.teacher_cfg_scale is not None else pl_module.hparams.teacher_cfg_scale
@@ -82,7 +83,7 @@ class EvaluationReport(Callback):
                 "teacher_cfg_scale": cfg,
                 "student": "ema" if student is not pl_module.student else "raw",
             }
-            json_path, md_path = write_report(self.rows, run_directory(trainer), meta)
+            json_path, md_path = write_report(self.rows, directory, meta)
             print("\n" + format_table(self.rows) + "\n")
             print(f"report written to {json_path} and {md_path}")
         trainer.strategy.barrier("evaluation_report")

@@ -47,10 +47,11 @@ class SampleGrid(Callback):
         if step == self._last_step:
             return
         self._last_step = step
+        # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it, before the rank-zero branch.
+        directory = run_directory(trainer) / "samples"
         grid = self.render(trainer, pl_module)
         if not trainer.is_global_zero:
             return
-        directory = run_directory(trainer) / "samples"
         directory.mkdir(parents=True, exist_ok=True)
         self.last_path = directory / f"step_{step:06d}.png"
         save_image(grid, self.last_path)

@@ -36,9 +36,9 @@ class SampleWriter(BasePredictionWriter):
         if trainer.world_size > 1:
             images = pl_module.all_gather(images).reshape(-1, *images.shape[1:]).cpu()
             labels = pl_module.all_gather(labels).reshape(-1).cpu()
+        directory = Path(self.output_dir) if self.output_dir else run_directory(trainer)  # collective: all ranks
         if not trainer.is_global_zero:
             return
-        directory = Path(self.output_dir) if self.output_dir else run_directory(trainer)
         directory.mkdir(parents=True, exist_ok=True)
         array = images[:, 0] if images.shape[1] == 1 else images
         self.path = directory / "samples.npz"
