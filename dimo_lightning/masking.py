@@ -65,8 +65,9 @@ def sample_mask_ratio(
 
 
 def mask_counts(num_tokens: int, ratio: float | torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    """Exact number of masked positions per row: max(1, round(N * ratio)), shape (B,)."""
-    ratio_t = torch.as_tensor(ratio, dtype=torch.float32)
+    """Exact number of masked positions per row: max(1, round(N * ratio)), shape (B,), on the device of ``ratio``
+    (CPU for a number)."""
+    ratio_t = ratio.float() if torch.is_tensor(ratio) else torch.as_tensor(ratio, dtype=torch.float32)
     if ratio_t.ndim == 0 and batch_size is not None:
         ratio_t = ratio_t.expand(batch_size)
     return torch.round(num_tokens * ratio_t).long().clamp(1, num_tokens)
@@ -103,7 +104,7 @@ def mask_tokens(
         (masked codes (B, N), mask (B, N) bool, True = masked).
     """
     b, n = codes.shape
-    counts = mask_counts(n, ratio.detach().float().cpu() if torch.is_tensor(ratio) else ratio, b)
+    counts = mask_counts(n, ratio.detach() if torch.is_tensor(ratio) else ratio, b)  # stays on the device
     mask = random_positions_mask(b, n, counts, generator=generator, device=codes.device)
     return codes.masked_fill(mask, mask_id), mask
 

@@ -16,7 +16,7 @@ forked global RNG seeded the same way, so ranks differ and a resumed run repeats
 from __future__ import annotations
 
 import copy
-import math
+import random
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from dimo_lightning.distributed import clip_grads_, global_grad_norm, is_sharded, shard_network
 from dimo_lightning.losses import aux_loss, distribution_matching_grad, finite_rows, generator_loss
 from dimo_lightning.masking import (
     MASK_SCHEDULES,
@@ -172,6 +173,10 @@ class DiMOModule(pl.LightningModule):
         self.skipped_steps = 0
         # Lightning checkpoints omit the teacher; load them non-strictly and check the rest by hand.
         self.strict_loading = False
+        # The teacher is re-loaded from its own source: keep its weights out of every state dict, so neither
+        # Lightning's full checkpoints nor FSDP's distributed (DCP) checkpoints save or expect them.
+        self.register_state_dict_post_hook(_drop_teacher_keys)
+        self._pending_step: _PendingStep | None = None
 
     def _validate(self) -> None:
         hp = self.hparams
@@ -214,11 +219,13 @@ class DiMOModule(pl.LightningModule):
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def draw_r_init(self, generator: torch.Generator) -> float:
+    def draw_r_init(self, seed: int) -> float:
+        """r_init of the iteration with ``seed``: a host-side draw (a Python float decides the mask count, so no
+        device value has to be read back)."""
         low, high = self.r_init_range
         if low == high:
             return low
-        return low + (high - low) * float(torch.rand((), generator=generator, device=self.device))
+        return low + (high - low) * random.Random(seed).random()
 
     def current_sigma(self) -> float:
         hp = self.hparams
@@ -311,6 +318,13 @@ class DiMOModule(pl.LightningModule):
         self._set_teacher_mode()
 
     @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Validate conditions while the batch is still on the host: the same check on the device would stall the
+        # training step on a device-to-host read.
+        self.teacher.check_condition(batch)
+        return batch
+
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
         seed = self.iteration_seed(self.iteration)
         devices = [self.device] if self.device.type == "cuda" else []
@@ -318,12 +332,12 @@ class DiMOModule(pl.LightningModule):
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
             torch.manual_seed(seed)
             generator = self._generator(seed)
-            self._iteration(batch, generator)
+            self._iteration(batch, generator, self.draw_r_init(seed))
         self.iteration += 1
         if self.generator_step >= self.hparams.max_generator_steps:
             self.trainer.should_stop = True
 
-    def _iteration(self, batch: Any, generator: torch.Generator) -> None:
+    def _iteration(self, batch: Any, generator: torch.Generator, r_init: float) -> None:
         hp = self.hparams
         opt_g, opt_a = self.optimizers()
         schedulers = self.lr_schedulers()
@@ -332,7 +346,6 @@ class DiMOModule(pl.LightningModule):
         if isinstance(cond, torch.Tensor):
             cond = cond.to(self.device)
         micro_conds = self._split(cond, hp.accumulate_micro_batches)
-        r_init = self.draw_r_init(generator)
         sigma = self.current_sigma()
         logs: dict[str, Any] = {"train/r_init": r_init, "train/sigma": sigma}
 
@@ -377,7 +390,9 @@ class DiMOModule(pl.LightningModule):
                     ratio = sample_mask_ratio(x.shape[0], hp.gen_mask_schedule, generator, self.device,
                                               hp.mask_ratio_clamp)
                     x_t, mask = mask_tokens(x, ratio, t.mask_id, generator)
-                    scale = 1 + (hp.teacher_cfg_scale - 1) * ratio if hp.adaptive_cfg else hp.teacher_cfg_scale
+                    # A Python float when the scale is fixed: the teacher decides "no CFG" without a device read.
+                    adaptive = hp.adaptive_cfg and hp.teacher_cfg_scale != 1
+                    scale = 1 + (hp.teacher_cfg_scale - 1) * ratio if adaptive else float(hp.teacher_cfg_scale)
                     teacher_logits = t.guided_logits(t.network, x_t, cond, scale)
                     aux_logits = t.apply_network(self.aux, x_t, cond)
                     grad = distribution_matching_grad(
@@ -392,14 +407,14 @@ class DiMOModule(pl.LightningModule):
             samples.append((x, z.detach()))
             loss_total += loss.detach() / parts
             kept_rows += valid.float().mean() / parts
-        norm = self._clip_and_step(opt_g, self.student, hp.gen_grad_clip, any_valid=self._any_rank(kept_rows))
-        if norm is not None:
+        norm, stepped = self._clip_and_step(opt_g, hp.gen_grad_clip, kept_rows)
+        if stepped:
             self.generator_step += 1
             if sch_g is not None:
                 sch_g.step()
         return samples, {
             "train/loss_gen": loss_total,
-            "train/grad_norm_gen": norm if norm is not None else float("nan"),
+            "train/grad_norm_gen": norm,
             "train/valid_rows_gen": kept_rows,
         }
 
@@ -432,36 +447,85 @@ class DiMOModule(pl.LightningModule):
                 self.manual_backward(loss / parts)
             loss_total += loss.detach() / parts
             kept_rows += valid.float().mean() / parts
-        norm = self._clip_and_step(opt_a, self.aux, hp.aux_grad_clip, any_valid=self._any_rank(kept_rows))
-        if norm is not None and sch_a is not None:
+        norm, stepped = self._clip_and_step(opt_a, hp.aux_grad_clip, kept_rows)
+        if stepped and sch_a is not None:
             sch_a.step()
         return {
             "train/loss_aux": loss_total,
-            "train/grad_norm_aux": norm if norm is not None else float("nan"),
+            "train/grad_norm_aux": norm,
             "train/valid_rows_aux": kept_rows,
         }
 
-    def _any_rank(self, kept_rows: torch.Tensor) -> bool:
-        """True if any rank kept a row: the step decision must be the same on every rank (weights stay in sync)."""
-        return bool(self.trainer.strategy.reduce(kept_rows.detach().float(), reduce_op="sum") > 0)
+    def _clip_and_step(self, optimizer, max_norm: float, kept_rows: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Step ``optimizer`` through Lightning's precision plugin; clipping and the skip decision happen in
+        :meth:`on_before_optimizer_step`, i.e. after the plugin has unscaled the gradients (``16-mixed``).
 
-    def _clip_and_step(
-        self, optimizer, network: nn.Module, max_norm: float, any_valid: bool = True
-    ) -> torch.Tensor | None:
-        """Clip, then step, unless the gradient is non-finite or no row of the batch was valid: then skip the step
-        (momentum would still move the weights), zero the grads and count it in ``skipped_steps``.
+        A step is skipped (no weight or optimizer-state change, counted in ``skipped_steps``) when the global gradient
+        norm is not finite (a fp16 overflow included: the GradScaler then skips and lowers its scale) or no rank
+        kept a valid row.
 
-        Returns the pre-clipping gradient norm, or None for a skipped step.
+        Args:
+            optimizer: the LightningOptimizer of the student or the aux model.
+            max_norm: clipping threshold of the global L2 norm (0: no clipping).
+            kept_rows: (,) share of valid rows of this rank's batch.
+
+        Returns:
+            (pre-clipping global gradient norm (,) on device, whether the weights were updated).
         """
-        params = [p for p in network.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-        if not any_valid or not bool(torch.isfinite(norm)):
-            optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            return None
-        optimizer.step()
+        self._pending_step = _PendingStep(max_norm, kept_rows.detach().float())
+        try:
+            optimizer.step()
+            decision = self._pending_step
+        finally:
+            self._pending_step = None
         optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
+        if decision.stepped is None:
+            raise RuntimeError("the precision plugin stepped without calling on_before_optimizer_step")
+        if not decision.stepped:
+            self.skipped_steps += 1
+        return decision.norm, decision.stepped
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        pending = self._pending_step
+        if pending is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm, plain_norm = global_grad_norm(params)  # global over ranks and shards, computed once
+        plain_norm = plain_norm.to(self.device)
+        kept_anywhere = self.trainer.strategy.reduce(pending.kept_rows, reduce_op="sum") > 0
+        step_ok = torch.isfinite(plain_norm) & kept_anywhere
+        # The one host sync of an optimizer step: whether to step. Norm and row count are global, so every rank
+        # takes the same decision and the replicas (or shards) stay consistent.
+        pending.stepped = bool(step_ok)
+        pending.norm = plain_norm.detach()
+        if pending.stepped:
+            clip_grads_(params, pending.max_norm, norm)
+        else:
+            # No gradient, no update: torch optimizers skip parameters without .grad (momentum must not move the
+            # weights); under 16-mixed the GradScaler skips an overflow step itself and still updates its scale.
+            optimizer.zero_grad(set_to_none=True)
+
+    # ---- sharding ------------------------------------------------------------------------------------------------
+    @override
+    def configure_model(self) -> None:
+        """FSDP2: shard student, aux (and the StudentEMA copy, if present) per transformer layer over the
+        data-parallel mesh. The frozen teacher stays replicated: it has no gradients or optimizer state to shard,
+        and a replica spares two all-gathers per layer in each of its (CFG-doubled) forwards and in the decoder.
+        Only under a strategy with a device mesh (ModelParallelStrategy); idempotent (Lightning may call it again).
+        """
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        if dp_mesh.ndim != 1:
+            raise ValueError(f"configure_model shards over a 1-D data-parallel mesh, got {mesh}")
+        if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("tensor parallelism is not supported: use ModelParallelStrategy(tensor_parallel_size=1)")
+        for name in ("student", "aux", "student_ema"):
+            network = getattr(self, name, None)
+            if network is not None and not is_sharded(network):
+                shard_network(network, dp_mesh)
 
     # ---- validation and prediction -----------------------------------------------------------------------------
     @override
@@ -500,7 +564,19 @@ class DiMOModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
+        counters = checkpoint.get("dimo", {})
+        self.generator_step = int(counters.get("generator_step", 0))
+        self.iteration = int(counters.get("iteration", 0))
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
+        if "state_dict" not in checkpoint:
+            return  # a distributed (DCP) checkpoint: the strategy has loaded (and checked) the weights already
+        state = checkpoint["state_dict"]
+        for key in [k for k in self.state_dict() if k.startswith("student_ema.") and k not in state]:
+            # Written without a StudentEMA (or by an older version that kept it in the callback state): the
+            # average starts from the resumed student.
+            source = "student." + key.removeprefix("student_ema.")
+            if source in state:
+                state[key] = state[source]
         expected = [k for k in self.state_dict() if not k.startswith("teacher.")]
         missing = [k for k in expected if k not in state]
         if missing:
@@ -508,7 +584,18 @@ class DiMOModule(pl.LightningModule):
                 f"checkpoint lacks {len(missing)} student/aux weights (e.g. {', '.join(missing[:5])}); "
                 "it was not written by this DiMOModule configuration"
             )
-        counters = checkpoint.get("dimo", {})
-        self.generator_step = int(counters.get("generator_step", 0))
-        self.iteration = int(counters.get("iteration", 0))
-        self.skipped_steps = int(counters.get("skipped_steps", 0))
+
+
+class _PendingStep:
+    """What :meth:`DiMOModule._clip_and_step` hands to ``on_before_optimizer_step`` and gets back."""
+
+    def __init__(self, max_norm: float, kept_rows: torch.Tensor) -> None:
+        self.max_norm = max_norm
+        self.kept_rows = kept_rows
+        self.norm = torch.full((), float("nan"))
+        self.stepped: bool | None = None
+
+
+def _drop_teacher_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        del state_dict[key]

@@ -226,8 +226,10 @@ class MaskTransformer(nn.Module):
         if drop_label is not None:
             class_ids = torch.where(drop_label, torch.full_like(class_ids, self.null_class_id), class_ids)
         image_emb = self.tok_emb(codes)  # (B, N, D)
-        sigma = torch.as_tensor(emb_noise_sigma, dtype=image_emb.dtype, device=image_emb.device)
-        if bool((sigma != 0).any()):
+        # A number 0 skips the noise (decided on the host); a tensor sigma always draws it (rows with sigma 0 keep
+        # their embedding exactly), so no device value is read back.
+        if torch.is_tensor(emb_noise_sigma) or emb_noise_sigma != 0:
+            sigma = torch.as_tensor(emb_noise_sigma, dtype=image_emb.dtype, device=image_emb.device)
             sigma = sigma.reshape(-1, 1, 1) if sigma.ndim else sigma
             eps = torch.randn(image_emb.shape, generator=generator, device=image_emb.device, dtype=image_emb.dtype)
             image_emb = sigma * emb_noise_scale * eps + torch.sqrt(1 - sigma * sigma) * image_emb

@@ -63,6 +63,11 @@ class MaskedTeacher(nn.Module, ABC):
     def encode_condition(self, batch: Any) -> Any:
         """Turn what the DataModule yields (labels, prompts) into the condition the network consumes."""
 
+    def check_condition(self, batch: Any) -> None:
+        """Raise ``ValueError`` for a batch this teacher cannot condition on (e.g. labels out of range).
+
+        Called on the host-side batch (``on_before_batch_transfer``), off the device hot path."""
+
     @abstractmethod
     def condition_batch_size(self, cond: Any) -> int:
         """Number of samples in a condition batch."""
@@ -122,16 +127,17 @@ class MaskedTeacher(nn.Module, ABC):
             network: the network to run.
             codes: (B, N).
             cond: condition batch of size B.
-            cfg_scale: scalar or (B,) guidance scale w; w == 1 everywhere runs only the conditional pass.
+            cfg_scale: a number or a (B,) tensor of guidance scales w. The number 1 runs only the conditional
+                pass; a tensor always runs both (deciding on its values would read them back from the device).
 
         Returns:
             (B, N, V) logits.
         """
-        scale = torch.as_tensor(cfg_scale, dtype=torch.float32, device=codes.device)
-        if bool((scale == 1).all()):
+        if not torch.is_tensor(cfg_scale) and cfg_scale == 1:
             return self.apply_network(network, codes, cond)
+        scale = torch.as_tensor(cfg_scale, dtype=torch.float32, device=codes.device)
         b = codes.shape[0]
-        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(codes.device)
+        drop = torch.arange(2 * b, device=codes.device) >= b  # conditional half first, then the unconditional
         logits = self.apply_network(network, codes.repeat(2, 1), self.repeat_condition(cond, 2), drop)
         cond_logits, uncond_logits = logits[:b], logits[b:]
         scale = scale.reshape(-1, 1, 1) if scale.ndim else scale
@@ -212,13 +218,18 @@ class ClassConditionalTeacher(MaskedTeacher):
         return self.network.num_classes
 
     def encode_condition(self, batch: Any) -> torch.Tensor:
+        """Labels (B,) long. Not range-checked here (that would read device values back in every training step):
+        :meth:`check_condition` runs on the host-side batch before it reaches the device."""
         labels = batch[0] if isinstance(batch, (list, tuple)) else batch
-        labels = torch.as_tensor(labels).long()
+        return torch.as_tensor(labels).long()
+
+    def check_condition(self, batch: Any) -> None:
+        labels = batch[0] if isinstance(batch, (list, tuple)) else batch
+        labels = torch.as_tensor(labels)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(
                 f"class labels must lie in [0, {self.num_classes}); got [{int(labels.min())}, {int(labels.max())}]"
             )
-        return labels
 
     def condition_batch_size(self, cond: torch.Tensor) -> int:
         return cond.shape[0]
