@@ -41,12 +41,15 @@ def truncated_normal(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Samples of N(mean, std^2) truncated to [low, high] by inverse-CDF sampling."""
-    normal = torch.distributions.Normal(torch.tensor(0.0, device=device), torch.tensor(1.0, device=device))
-    cdf_low = normal.cdf(torch.tensor((low - mean) / std, device=device))
-    cdf_high = normal.cdf(torch.tensor((high - mean) / std, device=device))
+
+    def std_normal_cdf(x: float) -> float:  # host-side constants: no device tensors to validate or read back
+        return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+    cdf_low = std_normal_cdf((low - mean) / std)
+    cdf_high = std_normal_cdf((high - mean) / std)
     u = torch.rand(shape, generator=generator, device=device)
     p = (cdf_low + u * (cdf_high - cdf_low)).clamp(1e-7, 1 - 1e-7)
-    return (mean + std * normal.icdf(p)).clamp(low, high)
+    return (mean + std * torch.special.ndtri(p)).clamp(low, high)
 
 
 def sample_mask_ratio(

@@ -19,9 +19,11 @@ checkpoint = torch.load(sys.argv[1], weights_only=False, map_location="cpu")
 hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
 module = DiMOModule(MNISTTeacher(), **hparams)
 module.load_state_dict(checkpoint["state_dict"], strict=False)  # the teacher is never in the checkpoint
-ema = next(v for k, v in checkpoint["callbacks"].items() if "StudentEMA" in k)
 student = copy.deepcopy(module.student)
-student.load_state_dict(ema["weights"])
+ema = {k.removeprefix("student_ema."): v for k, v in checkpoint["state_dict"].items() if k.startswith("student_ema.")}
+if not ema:  # checkpoints written before the EMA moved into the model's state dict
+    ema = next(v for k, v in checkpoint["callbacks"].items() if "StudentEMA" in k)["weights"]
+student.load_state_dict(ema)
 reference, _ = load_reference("mnist-val")
 labels = balanced_labels(1000, 10)
 for setting in sys.argv[2:] or ["1.0,0.6,0.1"]:

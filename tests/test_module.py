@@ -63,7 +63,12 @@ def test_teacher_frozen_and_outside_optimizers_and_checkpoints(tiny_teacher, tmp
     assert saved["dimo"]["generator_step"] == 3
     assert len(saved["optimizer_states"]) == 2
     ema_state = next(v for k, v in saved["callbacks"].items() if "StudentEMA" in k)
-    assert set(ema_state["weights"]) == set(module.student.state_dict())
+    assert ema_state == {"num_updates": 3}
+    # the EMA travels in the model's state dict (sharded with the model under FSDP2)
+    ema_keys = {k.removeprefix("student_ema.") for k in saved["state_dict"] if k.startswith("student_ema.")}
+    assert ema_keys == set(module.student.state_dict())
+    assert not any(torch.equal(saved["state_dict"]["student_ema." + k], v) for k, v in
+                   module.student.state_dict().items() if k.startswith("transformer"))
 
 
 def test_fix_emb_layer_freezes_tied_table(tiny_teacher, tmp_path):
@@ -140,22 +145,6 @@ def test_nan_batch_is_skipped_without_changing_weights(tiny_teacher, tmp_path):
     assert module.generator_step == 2
 
 
-def test_nonfinite_gradient_step_is_skipped(tiny_teacher, tmp_path):
-    module = make_module(tiny_teacher, max_generator_steps=1)
-    make_trainer(tmp_path).fit(module, ClassLabelDataModule(10, 8, 2))
-    opt_g, _ = module.optimizers()
-    before = {k: v.clone() for k, v in module.student.state_dict().items()}
-    for p in module.student.parameters():
-        if p.requires_grad:
-            p.grad = torch.full_like(p, float("inf"))
-    skipped = module.skipped_steps
-    assert module._clip_and_step(opt_g, module.student, 1.0) is None
-    assert module.skipped_steps == skipped + 1
-    for k, v in module.student.state_dict().items():
-        assert torch.equal(v, before[k])
-    assert all(p.grad is None for p in module.student.parameters())
-
-
 def test_accumulation_matches_one_big_batch_gradient(tiny_teacher):
     """Two micro-batches of 4 give the same generator gradient as the math on the full batch of 8."""
     from dimo_lightning.losses import generator_loss
@@ -209,3 +198,11 @@ def test_train_dropout_sets_student_and_aux_modes(tiny_teacher, tmp_path, train_
         return module.student_logits(module.student, cond, 0.6, 0.0, torch.Generator().manual_seed(3))
 
     assert torch.equal(forward(), forward()) is (not train_dropout)
+
+
+def test_labels_out_of_range_fail_before_the_step(tiny_teacher, tmp_path):
+    """The label check runs on the host-side batch (on_before_batch_transfer), not in the training step."""
+    module = make_module(tiny_teacher)
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\)"):
+        make_trainer(tmp_path).fit(module, ClassLabelDataModule(12, 64, 2))
+    assert module.iteration == 0

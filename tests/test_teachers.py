@@ -71,7 +71,8 @@ def test_codes_outside_vocabulary(tmp_path):
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 15\]"):
         teacher.decode(torch.full((1, 49), 16))  # the mask id is not a code
     with pytest.raises(ValueError, match="class labels"):
-        teacher.encode_condition(torch.tensor([10]))
+        teacher.check_condition(torch.tensor([10]))
+    teacher.check_condition(torch.tensor([0, 9]))  # in range: no error
 
 
 def test_shipped_teacher_quality_at_16_steps():

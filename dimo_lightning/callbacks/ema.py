@@ -1,8 +1,13 @@
 """StudentEMA: an exponential moving average of the student only (not the teacher, not the aux model).
 
 Lightning's ``EMAWeightAveraging`` averages the whole LightningModule (teacher and aux included) and counts every
-optimizer step; Di[M]O needs an average of the student updated once per *generator* step. The EMA copy lives on
-the callback, is saved in the checkpoint (callback state) and is what evaluation uses.
+optimizer step; Di[M]O needs an average of the student updated once per *generator* step.
+
+The EMA copy is attached to the LightningModule as the submodule ``student_ema`` (frozen, eval mode) in ``setup``,
+before ``configure_model``. So it is sharded exactly like the student under FSDP2 (``DiMOModule.configure_model``),
+updated shard-locally (no gather), saved and restored with the model's state dict (Lightning checkpoints or
+distributed DCP checkpoints, which reshard on load), and evaluation runs it under the same sharding. The callback
+state holds only the update counter.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from dimo_lightning.distributed import is_sharded, local_tensor
+
 
 def ema_rate(step: int, decay: float, warmup: bool) -> float:
     """Rate of the average at update ``step``: ``min(decay, (1 + s) / (10 + s))`` with warm-up (the official code's
@@ -26,11 +33,18 @@ def ema_rate(step: int, decay: float, warmup: bool) -> float:
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
     """ema <- rate * ema + (1 - rate) * model over all parameters (buffers are copied)."""
-    ema_params = list(ema.parameters())
-    model_params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    # Local shards of FSDP2 (DTensor) parameters: student and EMA are sharded alike, so each rank averages its own
+    # shard and nothing is gathered.
+    ema_params = [local_tensor(e) for e in ema.parameters()]
+    model_params = [local_tensor(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    if [e.shape for e in ema_params] != [p.shape for p in model_params]:
+        raise ValueError("ema_update needs the EMA sharded like the model (parameter shapes differ)")
     torch._foreach_lerp_(ema_params, model_params, 1.0 - rate)
     for eb, mb in zip(ema.buffers(), model.buffers()):
-        eb.copy_(mb)
+        local_tensor(eb).copy_(local_tensor(mb))
+
+
+EMA_ATTRIBUTE = "student_ema"
 
 
 class StudentEMA(Callback):
@@ -65,9 +79,18 @@ class StudentEMA(Callback):
 
     def _ensure(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.module is None:
-            self.module = copy.deepcopy(pl_module.student).eval().requires_grad_(False)
-        self.module.to(pl_module.device)
+            existing = getattr(pl_module, EMA_ATTRIBUTE, None)
+            if existing is None:
+                if is_sharded(pl_module.student):
+                    raise RuntimeError(
+                        "StudentEMA must be set up before the student is sharded (add it to the Trainer's callbacks)"
+                    )
+                existing = copy.deepcopy(pl_module.student).eval().requires_grad_(False)
+                # A submodule: moved, sharded and checkpointed with the model (see the module docstring).
+                pl_module.add_module(EMA_ATTRIBUTE, existing)
+            self.module = existing
         if self._pending_state is not None:
+            # An older checkpoint kept the averaged weights in the callback state.
             self.module.load_state_dict(self._pending_state["weights"])
             self._pending_state = None
         return self.module
@@ -76,6 +99,8 @@ class StudentEMA(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not hasattr(pl_module, "student"):
             raise ValueError("StudentEMA needs a LightningModule with a `student` network (DiMOModule)")
+        self.module = None
+        self._ensure(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -103,12 +128,8 @@ class StudentEMA(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.module is None:
-            return {"num_updates": self.num_updates, "weights": None} if self._pending_state is None else (
-                self._pending_state
-            )
-        weights = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        return {"num_updates": self.num_updates, "weights": weights}
+        # The weights travel in the model's state dict (``student_ema.*``), sharded where the model is.
+        return {"num_updates": self.num_updates}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
