@@ -57,8 +57,8 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def shard_network(network: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2-shard a token network in place: each transformer layer is one unit, the rest (embeddings, tied head,
-    first/last layers) the root unit. Idempotent: an already sharded network is returned unchanged.
+    """FSDP2-shard a token network in place: each attention and MLP block of each transformer layer is one unit,
+    the rest (embeddings, tied head, first/last layers) the root unit. Idempotent: an already sharded network is returned unchanged.
 
     Args:
         network: a :class:`~dimo_lightning.nn.transformer.MaskTransformer` or any module; submodules listed in
@@ -76,6 +76,8 @@ def shard_network(network: nn.Module, mesh, reshard_after_forward: bool = True) 
         return network
     layers = getattr(getattr(network, "transformer", None), "layers", None)
     for layer in layers if layers is not None else []:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        # A MaskTransformer layer is a ModuleList (attention, MLP) without a forward: shard its blocks.
+        for block in layer if isinstance(layer, nn.ModuleList) else [layer]:
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(network, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return network
