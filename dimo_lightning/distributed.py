@@ -58,7 +58,8 @@ def is_sharded(module: nn.Module) -> bool:
 
 def shard_network(network: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2-shard a token network in place: each attention and MLP block of each transformer layer is one unit,
-    the rest (embeddings, tied head, first/last layers) the root unit. Idempotent: an already sharded network is returned unchanged.
+    the rest (embeddings, tied head, first/last layers) the root unit. Idempotent: an already sharded network is
+    returned unchanged.
 
     Args:
         network: a :class:`~dimo_lightning.nn.transformer.MaskTransformer` or any module; submodules listed in

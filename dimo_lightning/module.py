@@ -490,6 +490,15 @@ class DiMOModule(pl.LightningModule):
         pending = self._pending_step
         if pending is None:
             return
+        if pending.max_norm > 0 and getattr(self.trainer.precision_plugin, "scaler", None) is not None and getattr(
+            optimizer, "_step_supports_amp_scaling", False
+        ):
+            # Such (fused) optimizers unscale inside step(): the gradients here are still scaled (Lightning's own
+            # clip_gradients refuses them for the same reason).
+            raise RuntimeError(
+                f"{type(optimizer).__name__} unscales gradients inside step(), so they cannot be clipped under "
+                "16-mixed: use a non-fused optimizer, bf16-mixed, or gen_grad_clip/aux_grad_clip 0"
+            )
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm, plain_norm = global_grad_norm(params)  # global over ranks and shards, computed once
         plain_norm = plain_norm.to(self.device)

@@ -66,7 +66,8 @@ class Evaluate(Callback):
         if cuda:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self.result = fid_check(pl_module, *self.args)
-        self.result["peak_memory_eval_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30 if cuda else None
+        peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30 if cuda else None
+        self.result["peak_memory_eval_gib"] = peak
 
 
 class Speed(Callback):

@@ -160,6 +160,10 @@ def test_resume_on_one_rank(runs, mode, tmp_path):
     trainer.fit(module, ClassLabelDataModule(10, 8, 20), ckpt_path=str(out / mode / "first.ckpt"))
     check_start(record.start)
     assert module.generator_step == RESUMED_STEPS
+    if mode == "fsdp":  # configure_model is idempotent: a second call keeps the sharded networks as they are
+        networks = [getattr(module, name) for name in NETWORKS]
+        module.configure_model()
+        assert [getattr(module, name) for name in NETWORKS] == networks
     # student, aux and EMA come back exactly as the 2-rank run left them
     saved = results[mode][0]["weights"]
     assert record.weights.keys() == saved.keys()
