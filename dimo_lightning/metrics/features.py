@@ -329,17 +329,25 @@ class FeatureExtractor:
                                                 verbose=False, feature_extractor_compile=False)
         self.device = torch.device(device)
         self.network.to(self.device)
-        self._feature_dim: int | None = None
+        self._dims: tuple[int, int] | None = None
+
+    def _probe(self) -> tuple[int, int]:
+        """(feature width, logits width or 0) from a forward on one dummy image, the first time."""
+        if self._dims is None:
+            dummy = self.network.get_dummy_input_for_compile().to(self.device)
+            features, logits = self(dummy)
+            self._dims = int(features.shape[1]), int(logits.shape[1]) if logits is not None else 0
+        return self._dims
 
     @property
     def feature_dim(self) -> int:
-        """Width of the features (a forward on one dummy image, the first time)."""
-        if self._feature_dim is None:
-            dummy = self.network.get_dummy_input_for_compile().to(self.device)
-            if self.name == "mnist-cnn":
-                dummy = torch.zeros(1, 3, 28, 28, dtype=torch.uint8, device=self.device)
-            self._feature_dim = int(self(dummy)[0].shape[1])
-        return self._feature_dim
+        """Width D of the features."""
+        return self._probe()[0]
+
+    @property
+    def logits_dim(self) -> int:
+        """Width of the logits (0 without)."""
+        return self._probe()[1]
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
