@@ -70,6 +70,42 @@ class ResumableLoader(DataLoader):
         self.dataset.position = int(state["position"])
 
 
+class PredictConditions(IterableDataset):
+    """``dimo predict``'s conditions: this rank's contiguous, non-overlapping share of the global indices
+    ``range(num_samples)``, in order, as batches ``{"conditions": labels (B,), "index": global indices (B,)}``.
+
+    The label of global index i is ``i % num_classes`` (balanced, class order). The rank is read when iterated
+    (after the process group exists); being an IterableDataset, Lightning never re-shards it with a distributed
+    sampler, so no sample is padded in twice (``use_distributed_sampler`` may stay at its default). Ranks may get
+    counts differing by one.
+
+    Args:
+        num_samples: samples over all ranks.
+        num_classes: classes of the teacher.
+        batch_size: conditions per batch.
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, batch_size: int) -> None:
+        super().__init__()
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+
+    def shard(self) -> range:
+        """This rank's global indices."""
+        rank, world = _rank_and_world()
+        return range(rank * self.num_samples // world, (rank + 1) * self.num_samples // world)
+
+    def __len__(self) -> int:
+        return -(-len(self.shard()) // self.batch_size)
+
+    def __iter__(self):
+        shard = self.shard()
+        for start in range(shard.start, shard.stop, self.batch_size):
+            index = torch.arange(start, min(start + self.batch_size, shard.stop))
+            yield {"conditions": index % self.num_classes, "index": index}
+
+
 class ClassLabelDataModule(pl.LightningDataModule):
     """Conditions only: batches of class labels (B,) long.
 
@@ -78,7 +114,8 @@ class ClassLabelDataModule(pl.LightningDataModule):
         batch_size: labels per batch per rank (the Di[M]O batch size B).
         batches_per_epoch: batches in one Lightning epoch (epochs only pace logging and checkpoints).
         seed: base seed of the label stream (each rank adds its rank).
-        predict_samples: number of labels ``dimo predict`` samples, balanced over classes in class order.
+        predict_samples: number of labels ``dimo predict`` samples over all ranks, balanced over classes in class
+            order.
     """
 
     def __init__(
@@ -112,6 +149,10 @@ class ClassLabelDataModule(pl.LightningDataModule):
         return DataLoader(torch.arange(self.batch_size) % self.num_classes, batch_size=self.batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        """``predict_samples`` labels cycling through the classes in order (balanced)."""
-        labels = torch.arange(self.predict_samples) % self.num_classes
-        return DataLoader(labels, batch_size=self.batch_size)
+        """``predict_samples`` labels cycling through the classes in order (balanced), each rank a contiguous share
+        of the global indices (:class:`PredictConditions`)."""
+        return DataLoader(PredictConditions(self.predict_samples, self.num_classes, self.batch_size), batch_size=None)
+
+    def evaluation_conditions(self, num_samples: int) -> torch.Tensor:
+        """The conditions of the evaluation callbacks: (num_samples,) labels cycling through the classes."""
+        return torch.arange(num_samples) % self.num_classes
