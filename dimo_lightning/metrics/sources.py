@@ -34,7 +34,7 @@ class ImageSource:
 
 def _to_nchw_uint8(array: np.ndarray) -> torch.Tensor:
     """A batch (B, H, W), (B, H, W, C) or (B, C, H, W) uint8 or [0, 1] float -> uint8 (B, C, H, W)."""
-    images = torch.from_numpy(np.ascontiguousarray(array))
+    images = torch.from_numpy(np.array(array))  # a writable copy (zip reads give read-only buffers)
     if images.ndim == 3:
         images = images[:, None]
     elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
