@@ -1,0 +1,61 @@
+"""The shipped callback set under 2-rank DDP on CPU (gloo): fit, validate and predict complete, metrics agree across
+ranks, only rank zero writes the run's files, and predict writes each global index once, in order."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dimo_lightning.callbacks.writer import iter_prediction_shards, read_prediction_index
+
+
+def test_shipped_callbacks_under_two_rank_ddp(tmp_path):
+    script = Path(__file__).with_name("ddp_callbacks_script.py")
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_outputs(tmp_path)
+
+
+def check_outputs(tmp_path: Path) -> None:
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    r0, r1 = ranks
+
+    assert r0["generator_step"] == r1["generator_step"] == 4
+    # FIDMonitor: evaluated at generator steps 2 and 4, on both ranks, with identical numbers everywhere
+    assert r0["fid_evaluations"] == r1["fid_evaluations"] == 2
+    assert r0["computed"] == r1["computed"] and r0["logged_fid"] == r1["logged_fid"]
+    assert r0["logged_fid"] == pytest.approx(r0["computed"][-1]["fid"], rel=1e-6)  # logged as float32
+    assert r0["computed"][-1]["fid"] > 0 and r0["computed"][-1]["accuracy"] is not None
+    # EvaluationReport at fit end and in validate: the same rows on both ranks; the same samples both times
+    assert r0["fit_rows"] == r1["fit_rows"] and r0["validate_rows"] == r1["validate_rows"]
+    assert [(r["model"], r["steps"]) for r in r0["fit_rows"]] == [("teacher", 1), ("teacher", 2), ("student", 1)]
+    for fit_row, validate_row in zip(r0["fit_rows"], r0["validate_rows"]):
+        assert fit_row["fid"] == validate_row["fid"]
+
+    # only rank zero wrote files: report twice, grids (start, steps 2 and 4, end), checkpoints, the predict index
+    assert r1["writes"] == []
+    assert r0["writes"].count("eval.json") == 2 and r0["writes"].count("index.json") == 1
+    assert r0["writes"].count("grid") >= 3 and r0["writes"].count("checkpoint") >= 3
+    run_dir = tmp_path / "run" / "version_0"
+    assert (run_dir / "eval.json").is_file() and len(list((run_dir / "samples").glob("step_*.png"))) >= 3
+    # retention: last + best by val/fid (MNIST); last + top 3 of the every-2,000-step checkpoints (ImageNet)
+    mnist_ckpts = sorted(p.name for p in (tmp_path / "ckpt_mnist").iterdir())
+    imagenet_ckpts = sorted(p.name for p in (tmp_path / "ckpt_imagenet").iterdir())
+    assert "last.ckpt" in mnist_ckpts and len(mnist_ckpts) == 2, mnist_ckpts
+    assert "last.ckpt" in imagenet_ckpts and len(imagenet_ckpts) == 3, imagenet_ckpts  # saves at steps 2 and 4
+    assert not [p for p in tmp_path.rglob("*.tmp*")]  # atomic writes leave no temporaries
+
+    # predict: contiguous rank ranges (11 + 12 samples), each global index once, in order, no padding duplicates
+    assert r0["predicted_index"] == list(range(11)) and r1["predicted_index"] == list(range(11, 23))
+    index = read_prediction_index(r0["predict_dir"])
+    assert index["count"] == 23
+    shards = list(iter_prediction_shards(r0["predict_dir"]))
+    assert np.concatenate([s["index"] for s in shards]).tolist() == list(range(23))
+    assert np.concatenate([s["labels"] for s in shards]).tolist() == [i % 10 for i in range(23)]
