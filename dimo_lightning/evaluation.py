@@ -24,7 +24,6 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from dimo_lightning.callbacks.common import balanced_labels
 from dimo_lightning.metrics.features import FeatureExtractor, ReferenceStats, metrics_from_features
 from dimo_lightning.teachers.base import MaskedTeacher
 

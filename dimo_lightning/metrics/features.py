@@ -251,7 +251,7 @@ def load_reference_stats(path: str | Path, flag: str = "reference") -> Reference
                           {k: v for k, v in meta.items() if k not in known})
 
 
-def check_reference_stats(stats: ReferenceStats, extractor: "FeatureExtractor", flag: str = "reference",
+def check_reference_stats(stats: ReferenceStats, extractor: FeatureExtractor, flag: str = "reference",
                           need_features: int = 0) -> None:
     """Raise ``ValueError`` (naming the file and ``flag``) when ``stats`` do not fit ``extractor``.
 
