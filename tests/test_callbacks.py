@@ -167,3 +167,35 @@ def test_reference_loading(tmp_path):
     assert load_reference(str(tmp_path / "ref.npz"))[0].shape == (4, 3, 8, 8)
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         load_reference(str(tmp_path / "nope.npz"))
+
+
+def test_reference_is_checked_before_the_first_step(tiny_teacher, tmp_path):
+    from dimo_lightning.callbacks.common import shared_extractor, shared_reference
+    from dimo_lightning.metrics.features import ReferenceStats
+    from dimo_lightning.stats import stats
+
+    modules = []
+
+    def fit_with(reference: str) -> None:
+        modules.append(DiMOModule(tiny_teacher, max_generator_steps=3, seed=0))
+        trainer(tmp_path, [FIDMonitor(every_n_generator_steps=1, reference=reference)], max_epochs=-1).fit(
+            modules[-1], ClassLabelDataModule(10, 8, 3))
+
+    missing = str(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="FIDMonitor.reference") as err:
+        fit_with(missing)
+    assert missing in str(err.value)
+    other = ReferenceStats(np.zeros(128), np.eye(128), torch.zeros(8, 128), "inception-local", "2048", (28, 28), 8)
+    with pytest.raises(ValueError, match="inception-local") as err:
+        fit_with(str(other.save(tmp_path / "inception.npz")))
+    assert "FIDMonitor.reference" in str(err.value) and "inception.npz" in str(err.value)
+    narrow = ReferenceStats(np.zeros(64), np.eye(64), torch.zeros(8, 64), "mnist-cnn", "penultimate", (28, 28), 8)
+    with pytest.raises(ValueError, match="64-d"):
+        fit_with(str(narrow.save(tmp_path / "narrow.npz")))
+    assert [m.generator_step for m in modules] == [0, 0, 0]  # every error came before the first step
+    # a `dimo stats` file and the raw images it came from give the same statistics to the callbacks
+    extractor = shared_extractor("mnist-cnn", None, torch.device("cpu"))
+    from_file = shared_reference(str(stats("mnist-val", str(tmp_path / "ok.npz"), "mnist-cnn")), extractor)
+    from_images = shared_reference("mnist-val", extractor)
+    np.testing.assert_allclose(from_file.sigma, from_images.sigma, rtol=1e-6, atol=1e-9)
+    assert torch.equal(from_file.features, from_images.features)

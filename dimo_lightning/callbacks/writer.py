@@ -4,7 +4,7 @@ Layout of an output folder (``<run dir>/predictions`` or ``output_dir``):
 
 - ``samples_XXXXXXXX.npz`` (the global index of its first sample): ``images`` uint8 (B, H, W, C) (ADM's layout),
   ``labels`` (B,) (the conditions: int64 labels, or strings for prompts) and ``index`` int64 (B,) global indices;
-- ``png/XXXXXX_<label>.png`` for the first ``max_png`` global indices;
+- ``png/XXXXXX_<label>.png`` (``XXXXXX.png`` for non-label conditions) for the first ``max_png`` global indices;
 - ``index.json`` (written last, by rank zero): ``count``, ``image_shape`` and the shards in global order.
 """
 
@@ -82,7 +82,8 @@ class SampleWriter(BasePredictionWriter):
             png_dir = self.path / "png"
             for i in np.flatnonzero(index < self.max_png):
                 png_dir.mkdir(exist_ok=True)
-                save_image(images[i].float().cpu(), png_dir / f"{index[i]:06d}_{labels[i]}.png")
+                suffix = f"_{labels[i]}" if np.issubdtype(labels.dtype, np.integer) else ""  # prompts: index only
+                save_image(images[i].float().cpu(), png_dir / f"{index[i]:06d}{suffix}.png")
         del prediction["images"]  # Lightning keeps the returned predictions: not the images
         if sum(len(b["index"]) for b in self._buffer) >= self.shard_size:
             self._flush()
