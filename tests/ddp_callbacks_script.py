@@ -75,7 +75,7 @@ def main(out_dir: str) -> None:
     rank = trainer.global_rank
     original_save = trainer.strategy.checkpoint_io.save_checkpoint
     trainer.strategy.checkpoint_io.save_checkpoint = record("checkpoint", original_save)
-    data = ClassLabelDataModule(10, 8, 2, predict_samples=23)  # 23: the ranks get 11 and 12 samples
+    data = ClassLabelDataModule(10, 8, 2, predict_samples=23)  # 3 batches of 8: the ranks get 8 and 15 samples
     trainer.fit(module, data)
     logged_fid = float(trainer.callback_metrics["val/fid"])
     report = next(c for c in callbacks if isinstance(c, EvaluationReport))

@@ -21,6 +21,7 @@ def test_shipped_callbacks_under_two_rank_ddp(tmp_path):
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_outputs(tmp_path)
+    check_predict_does_not_depend_on_world_size(tmp_path)
 
 
 def check_outputs(tmp_path: Path) -> None:
@@ -52,10 +53,34 @@ def check_outputs(tmp_path: Path) -> None:
     assert "last.ckpt" in imagenet_ckpts and len(imagenet_ckpts) == 3, imagenet_ckpts  # saves at steps 2 and 4
     assert not [p for p in tmp_path.rglob("*.tmp*")]  # atomic writes leave no temporaries
 
-    # predict: contiguous rank ranges (11 + 12 samples), each global index once, in order, no padding duplicates
-    assert r0["predicted_index"] == list(range(11)) and r1["predicted_index"] == list(range(11, 23))
+    # predict: contiguous rank ranges of whole batches of 8 (8 + 15 samples), each global index once, in order
+    assert r0["predicted_index"] == list(range(8)) and r1["predicted_index"] == list(range(8, 23))
     index = read_prediction_index(r0["predict_dir"])
     assert index["count"] == 23
     shards = list(iter_prediction_shards(r0["predict_dir"]))
     assert np.concatenate([s["index"] for s in shards]).tolist() == list(range(23))
     assert np.concatenate([s["labels"] for s in shards]).tolist() == [i % 10 for i in range(23)]
+
+
+def check_predict_does_not_depend_on_world_size(tmp_path: Path) -> None:
+    """One process predicting from the 2-rank run's last checkpoint writes the very same samples."""
+    import lightning.pytorch as pl
+
+    from dimo_lightning.callbacks.ema import StudentEMA
+    from dimo_lightning.callbacks.writer import SampleWriter
+    from dimo_lightning.data.labels import ClassLabelDataModule
+    from dimo_lightning.module import DiMOModule
+    from dimo_lightning.teachers.mnist import MNISTTeacher
+
+    teacher = MNISTTeacher(str(tmp_path / "teacher" / "teacher.safetensors"),
+                           str(tmp_path / "teacher" / "codebook.safetensors"))
+    writer = SampleWriter(str(tmp_path / "single"), max_png=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[StudentEMA(0.99), writer])
+    data = ClassLabelDataModule(10, 8, 2, predict_samples=23)
+    trainer.predict(DiMOModule(teacher, max_generator_steps=4, seed=0), data,
+                    ckpt_path=str(tmp_path / "ckpt_imagenet" / "last.ckpt"))
+    single = np.concatenate([s["images"] for s in iter_prediction_shards(writer.path)])
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    distributed = np.concatenate([s["images"] for s in iter_prediction_shards(rank0["predict_dir"])])
+    assert np.array_equal(single, distributed)

@@ -74,10 +74,12 @@ class PredictConditions(IterableDataset):
     """``dimo predict``'s conditions: this rank's contiguous, non-overlapping share of the global indices
     ``range(num_samples)``, in order, as batches ``{"conditions": labels (B,), "index": global indices (B,)}``.
 
-    The label of global index i is ``i % num_classes`` (balanced, class order). The rank is read when iterated
-    (after the process group exists); being an IterableDataset, Lightning never re-shards it with a distributed
-    sampler, so no sample is padded in twice (``use_distributed_sampler`` may stay at its default). Ranks may get
-    counts differing by one.
+    The global indices are cut into batches of ``batch_size`` first and ranks take contiguous blocks of whole
+    batches (:func:`~dimo_lightning.callbacks.common.rank_batches`): a batch, and so its samples (seeded by its first
+    index), is the same on any number of ranks. The label of global index i is ``i % num_classes`` (balanced, class
+    order). The rank is read when iterated (after the process group exists); being an IterableDataset, Lightning
+    never re-shards it with a distributed sampler, so no sample is padded in twice (``use_distributed_sampler`` may
+    stay at its default). Ranks may get unequal counts (by up to one batch).
 
     Args:
         num_samples: samples over all ranks.
@@ -91,18 +93,19 @@ class PredictConditions(IterableDataset):
         self.num_classes = num_classes
         self.batch_size = batch_size
 
-    def shard(self) -> range:
-        """This rank's global indices."""
+    def batches(self) -> list[tuple[int, int]]:
+        """This rank's batches ``[(start, stop), ...]`` of global indices."""
+        from dimo_lightning.callbacks.common import rank_batches
+
         rank, world = _rank_and_world()
-        return range(rank * self.num_samples // world, (rank + 1) * self.num_samples // world)
+        return [span for _, span in rank_batches(self.num_samples, self.batch_size, rank, world)]
 
     def __len__(self) -> int:
-        return -(-len(self.shard()) // self.batch_size)
+        return len(self.batches())
 
     def __iter__(self):
-        shard = self.shard()
-        for start in range(shard.start, shard.stop, self.batch_size):
-            index = torch.arange(start, min(start + self.batch_size, shard.stop))
+        for start, stop in self.batches():
+            index = torch.arange(start, stop)
             yield {"conditions": index % self.num_classes, "index": index}
 
 
