@@ -199,3 +199,23 @@ def test_reference_is_checked_before_the_first_step(tiny_teacher, tmp_path):
     from_images = shared_reference("mnist-val", extractor)
     np.testing.assert_allclose(from_file.sigma, from_images.sigma, rtol=1e-6, atol=1e-9)
     assert torch.equal(from_file.features, from_images.features)
+
+
+def test_evaluation_conditions_come_from_the_datamodule_or_the_teacher():
+    from types import SimpleNamespace
+
+    from dimo_lightning.callbacks.common import are_labels, evaluation_conditions
+
+    module = SimpleNamespace(teacher=SimpleNamespace(num_classes=4))
+    labels = evaluation_conditions(SimpleNamespace(datamodule=None), module, 10)
+    assert labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1] and are_labels(labels)
+    prompts = SimpleNamespace(evaluation_conditions=lambda n: [f"a photo of {i}" for i in range(n)])
+    conditions = evaluation_conditions(SimpleNamespace(datamodule=prompts), module, 3)
+    assert conditions == ["a photo of 0", "a photo of 1", "a photo of 2"] and not are_labels(conditions)
+    assert evaluation_conditions(SimpleNamespace(datamodule=ClassLabelDataModule(7)), module, 8).tolist() == [
+        0, 1, 2, 3, 4, 5, 6, 0]
+    with pytest.raises(ValueError, match="returned 2 conditions"):
+        evaluation_conditions(SimpleNamespace(datamodule=SimpleNamespace(evaluation_conditions=lambda n: [1, 2])),
+                              module, 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        evaluation_conditions(SimpleNamespace(datamodule=None), SimpleNamespace(teacher=object()), 3)
