@@ -21,7 +21,7 @@ def test_shipped_callbacks_under_two_rank_ddp(tmp_path):
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_outputs(tmp_path)
-    check_predict_does_not_depend_on_world_size(tmp_path)
+    check_one_process_gives_the_same_results(tmp_path)
 
 
 def check_outputs(tmp_path: Path) -> None:
@@ -62,11 +62,13 @@ def check_outputs(tmp_path: Path) -> None:
     assert np.concatenate([s["labels"] for s in shards]).tolist() == [i % 10 for i in range(23)]
 
 
-def check_predict_does_not_depend_on_world_size(tmp_path: Path) -> None:
-    """One process predicting from the 2-rank run's last checkpoint writes the very same samples."""
+def check_one_process_gives_the_same_results(tmp_path: Path) -> None:
+    """One process validating and predicting from the 2-rank run's last checkpoint scores and writes the very same
+    samples: the evaluation and predict shards do not depend on the world size."""
     import lightning.pytorch as pl
 
     from dimo_lightning.callbacks.ema import StudentEMA
+    from dimo_lightning.callbacks.report import EvaluationReport
     from dimo_lightning.callbacks.writer import SampleWriter
     from dimo_lightning.data.labels import ClassLabelDataModule
     from dimo_lightning.module import DiMOModule
@@ -75,12 +77,21 @@ def check_predict_does_not_depend_on_world_size(tmp_path: Path) -> None:
     teacher = MNISTTeacher(str(tmp_path / "teacher" / "teacher.safetensors"),
                            str(tmp_path / "teacher" / "codebook.safetensors"))
     writer = SampleWriter(str(tmp_path / "single"), max_png=0)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[StudentEMA(0.99), writer])
+    report = EvaluationReport(num_samples=40, teacher_steps=[1, 2], batch_size=16, teacher_cfg_scale=2.0,
+                              teacher_choice_temperature=16.0)  # as configs/mnist/dimo.yaml
+    last = str(tmp_path / "ckpt_imagenet" / "last.ckpt")
     data = ClassLabelDataModule(10, 8, 2, predict_samples=23)
-    trainer.predict(DiMOModule(teacher, max_generator_steps=4, seed=0), data,
-                    ckpt_path=str(tmp_path / "ckpt_imagenet" / "last.ckpt"))
-    single = np.concatenate([s["images"] for s in iter_prediction_shards(writer.path)])
+    # one trainer per command, as `dimo validate` and `dimo predict` (an EMA built under validate's inference mode
+    # cannot take a checkpoint's weights again in the same process)
+    for callback, run in ((report, "validate"), (writer, "predict")):
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[StudentEMA(0.99), callback],
+                             default_root_dir=tmp_path / "single")
+        getattr(trainer, run)(DiMOModule(teacher, max_generator_steps=4, seed=0), data, ckpt_path=last)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    for row, distributed in zip(report.rows, rank0["validate_rows"], strict=True):
+        for column in ("fid", "kid", "precision", "recall", "accuracy", "is"):
+            assert row.as_dict()[column] == pytest.approx(distributed[column], rel=1e-9, abs=1e-12), column
+    single = np.concatenate([s["images"] for s in iter_prediction_shards(writer.path)])
     distributed = np.concatenate([s["images"] for s in iter_prediction_shards(rank0["predict_dir"])])
     assert np.array_equal(single, distributed)
