@@ -4,6 +4,7 @@
     dimo validate --config configs/mnist/dimo.yaml --ckpt_path runs/.../last.ckpt
     dimo predict --config configs/mnist/dimo.yaml --ckpt_path ...
     dimo fit --config configs/mnist/teacher.yaml        # pretrain the MNIST teacher
+    dimo stats --reference mnist-val --extractor mnist-cnn --output ref.npz   # reference statistics
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ def _filter_warnings() -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``dimo`` console script."""
     _filter_warnings()
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["stats"]:  # commands outside LightningCLI: a plain function each
+        from dimo_lightning.stats import main as stats_main
+
+        return stats_main(argv[1:])
     DiMOCLI(args=args)
 
 

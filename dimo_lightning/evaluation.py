@@ -1,8 +1,13 @@
 """The evaluation report behind the paper's claim: teacher at 1..16 steps vs the one-step student.
 
 Rows: the teacher's MaskGIT decoder at each step count (with its CFG) and the student at one step, each scored on
-a balanced, seeded set of samples against real reference images: FID, KID, precision, recall (torch-fidelity with
-a registered feature extractor), class accuracy (for teachers with a class-accuracy network) and images/s.
+a balanced, seeded set of samples against real reference statistics: FID, KID, precision, recall, Inception Score
+(from the features of a registered torch-fidelity extractor, :mod:`dimo_lightning.metrics.features`), class
+accuracy (for label conditions with a class-accuracy network) and images/s.
+
+At scale (:func:`sharded_sample_features`) each rank samples, decodes and extracts features of its own share of the
+samples; only features are gathered. :func:`generate_images` and :func:`score` are the single-process path of the
+scripts (images held in memory, metrics through torch-fidelity).
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
 from torch import nn
 
+from dimo_lightning.metrics.features import FeatureExtractor, ReferenceStats, metrics_from_features
 from dimo_lightning.teachers.base import MaskedTeacher
 
-REPORT_COLUMNS = ("fid", "kid", "precision", "recall", "accuracy", "images_per_s")
+REPORT_COLUMNS = ("fid", "kid", "precision", "recall", "accuracy", "images_per_s", "is")
 
 
 @dataclass
@@ -34,11 +42,13 @@ class EvalRow:
     recall: float
     accuracy: float | None
     images_per_s: float
+    inception_score: float | None = None
 
-
-def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
-    """(num_samples,) labels cycling through the classes (equal counts when num_samples % C == 0)."""
-    return torch.arange(num_samples) % num_classes
+    def as_dict(self) -> dict[str, Any]:
+        """The row with the report's column names (``is`` for the Inception Score)."""
+        row = asdict(self)
+        row["is"] = row.pop("inception_score")
+        return row
 
 
 def load_reference(spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -121,52 +131,115 @@ def score(
                    accuracy, images_per_s)
 
 
-def evaluate(
-    teacher: MaskedTeacher,
-    student: nn.Module,
-    student_sampler: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
-    reference: torch.Tensor,
-    num_samples: int = 1000,
-    teacher_steps: Sequence[int] = (1, 2, 4, 8, 16),
-    teacher_cfg_scale: float = 1.0,
-    teacher_choice_temperature: float = 4.5,
-    batch_size: int = 250,
-    seed: int = 0,
-    extractor: str = "mnist-cnn",
-    weights_path: str | None = None,
-    accuracy_fn: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
-    log: Callable[[str], None] = print,
-) -> list[EvalRow]:
-    """The report rows: the teacher at each step count, then the student at one step (same labels, same seed)."""
-    device = next(student.parameters()).device
-    labels = balanced_labels(num_samples, teacher.num_classes)
-    rows = []
-    for steps in teacher_steps:
-        def teacher_codes(batch: torch.Tensor, gen: torch.Generator, steps: int = steps) -> torch.Tensor:
-            return teacher.sample(batch, steps=steps, cfg_scale=teacher_cfg_scale,
-                                  choice_temperature=teacher_choice_temperature, generator=gen)
+@dataclass
+class SampleFeatures:
+    """What one evaluation keeps of its samples, gathered from all ranks (never the images).
 
-        images, speed = generate_images(teacher_codes, teacher, labels, batch_size, seed, device)
-        rows.append(score("teacher", steps, images, labels, reference, speed, extractor, weights_path, accuracy_fn))
-        log(f"  evaluated teacher at {steps} step(s): FID {rows[-1].fid:.3f}")
-    images, speed = generate_images(
-        lambda batch, gen: student_sampler(student, batch, gen), teacher, labels, batch_size, seed, device
+    Attributes:
+        features: (N, D) extractor features, in global sample order, on this rank's device.
+        logits: (N, L) extractor logits for the Inception Score, or None.
+        accuracy: share of samples the accuracy network reads as their label (None without labels or network).
+        images_per_s: samples / the slowest rank's sampling time (codes only, not decoding or features).
+    """
+
+    features: torch.Tensor
+    logits: torch.Tensor | None
+    accuracy: float | None
+    images_per_s: float
+
+
+@torch.no_grad()
+def sharded_sample_features(
+    pl_module: LightningModule,
+    sample_codes: Callable[[Any, torch.Generator], torch.Tensor],
+    conditions: Any,
+    extractor: FeatureExtractor,
+    batch_size: int,
+    seed: int,
+    accuracy_network: nn.Module | None = None,
+) -> SampleFeatures:
+    """Sample this rank's share of ``conditions``, decode and extract features batch by batch on this rank's
+    device, and gather only the features (fixed-size padded blocks). A collective: call it on every rank.
+
+    Batch ``i`` of the global batches (``batch_size`` conditions each) uses a generator seeded by ``(seed, i)``, and
+    ranks take contiguous blocks of batches: the samples do not depend on the world size.
+
+    Args:
+        pl_module: gives the device, the rank, the teacher's decoder and ``all_gather``.
+        sample_codes: ``(conditions, generator) -> codes (B, N)``.
+        conditions: all N raw conditions (a label tensor or a list), identical on every rank.
+        extractor: the feature extractor (on this rank's device).
+        batch_size: conditions per forward.
+        seed: base seed.
+        accuracy_network: images -> class logits; used only when the conditions are labels.
+    """
+    from dimo_lightning.callbacks.common import (
+        are_labels,
+        condition_count,
+        gather_rows,
+        rank_batches,
+        rank_counts,
+        slice_conditions,
     )
-    rows.append(score("student", 1, images, labels, reference, speed, extractor, weights_path, accuracy_fn))
-    log(f"  evaluated student at 1 step: FID {rows[-1].fid:.3f}")
-    return rows
+
+    trainer = pl_module.trainer
+    rank, world = trainer.global_rank, trainer.world_size
+    device = pl_module.device
+    total = condition_count(conditions)
+    counts = rank_counts(total, batch_size, world)
+    with_accuracy = accuracy_network is not None and are_labels(conditions)
+    features, logits, correct, elapsed = [], [], torch.zeros((), device=device), 0.0
+    for index, (start, stop) in rank_batches(total, batch_size, rank, world):
+        batch = slice_conditions(conditions, start, stop)
+        generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + index * 7_919) % 2**62)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        codes = sample_codes(batch, generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - t0
+        images = pl_module.teacher.decode(codes).float()  # (B, C, H, W) in [0, 1]
+        batch_features, batch_logits = extractor(images)
+        features.append(batch_features)
+        if batch_logits is not None:
+            logits.append(batch_logits)
+        if with_accuracy:
+            predicted = accuracy_network(images[:, :1]).argmax(1)
+            correct += (predicted == batch.to(device)).sum()
+    width = extractor.feature_dim
+    mine = torch.cat(features) if features else torch.zeros(0, width, device=device)
+    all_features = gather_rows(pl_module, mine, counts)
+    all_logits = None
+    if extractor.logits_layer is not None:
+        # a rank without batches still joins the gather, with an empty block of the right width
+        mine_logits = torch.cat(logits) if logits else torch.zeros(0, extractor.logits_dim, device=device)
+        all_logits = gather_rows(pl_module, mine_logits, counts)
+    totals = pl_module.all_gather(torch.stack([correct.double(), torch.tensor(elapsed, device=device).double()]))
+    totals = totals.reshape(-1, 2)
+    accuracy = float(totals[:, 0].sum()) / total if with_accuracy else None
+    return SampleFeatures(all_features, all_logits, accuracy, total / max(float(totals[:, 1].max()), 1e-9))
+
+
+def evaluation_row(name: str, steps: int, samples: SampleFeatures, reference: ReferenceStats) -> EvalRow:
+    """Metrics of gathered sample features against the reference -> a report row."""
+    metrics = metrics_from_features(samples.features, reference, samples.logits)
+    return EvalRow(name, steps, metrics["fid"], metrics["kid"], metrics["precision"], metrics["recall"],
+                   samples.accuracy, samples.images_per_s, metrics["is"])
 
 
 def format_table(rows: Sequence[EvalRow]) -> str:
     """A Markdown table of the rows."""
-    header = "| model | steps | FID | KID | precision | recall | accuracy | images/s |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    with_is = any(r.inception_score is not None for r in rows)
+    header = "| model | steps | FID | KID | precision | recall | accuracy | images/s |" + (" IS |" if with_is else "")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_is else "")]
     for r in rows:
         acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
-        lines.append(
-            f"| {r.model} | {r.steps} | {r.fid:.3f} | {r.kid:.4f} | {r.precision:.3f} | {r.recall:.3f} | {acc} | "
-            f"{r.images_per_s:.0f} |"
-        )
+        line = (f"| {r.model} | {r.steps} | {r.fid:.3f} | {r.kid:.4f} | {r.precision:.3f} | {r.recall:.3f} | {acc} | "
+                f"{r.images_per_s:.0f} |")
+        if with_is:
+            line += f" {r.inception_score:.3f} |" if r.inception_score is not None else " - |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -175,7 +248,7 @@ def write_report(rows: Sequence[EvalRow], directory: str | Path, meta: dict | No
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, md_path = directory / "eval.json", directory / "eval.md"
-    payload = {"rows": [asdict(r) for r in rows], **(meta or {})}
+    payload = {"rows": [r.as_dict() for r in rows], **(meta or {})}
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md = "# Di[M]O evaluation\n\n" + format_table(rows) + "\n"
     if meta:

@@ -544,19 +544,24 @@ class DiMOModule(pl.LightningModule):
     @override
     @torch.no_grad()
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Samples for the conditions of ``batch`` -> {"images": (B, C, H, W) in [0, 1], "labels": (B,)}."""
+        """Samples for the conditions of ``batch`` (raw conditions, or ``{"conditions", "index"}`` with global sample
+        indices) -> {"images": (B, C, H, W) in [0, 1], "labels": the conditions, "index": (B,) if given}."""
         from dimo_lightning.callbacks.ema import evaluation_student
 
         hp = self.hparams
-        cond = self.teacher.encode_condition(batch)
+        conditions, index = (batch["conditions"], batch["index"]) if isinstance(batch, dict) else (batch, None)
+        cond = self.teacher.encode_condition(conditions)
         cond = cond.to(self.device) if isinstance(cond, torch.Tensor) else cond
-        generator = self._generator((hp.predict_seed * 1_000_003 + self.global_rank * 7_919 + batch_idx) % 2**62)
+        # seeded by the first global index when known: the same samples on any number of ranks
+        offset = int(index[0]) if index is not None and len(index) else self.global_rank * 7_919 + batch_idx
+        generator = self._generator((hp.predict_seed * 1_000_003 + offset) % 2**62)
         if hp.predict_with == "teacher":
             codes = self.teacher.sample(cond, steps=hp.predict_teacher_steps, cfg_scale=hp.teacher_cfg_scale,
                                         generator=generator)
         else:
             codes = self.generate(cond, network=evaluation_student(self), generator=generator)
-        return {"images": self.teacher.decode(codes).float(), "labels": batch}
+        out = {"images": self.teacher.decode(codes).float(), "labels": conditions}
+        return out if index is None else {**out, "index": index}
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     @override

@@ -44,5 +44,7 @@ def test_label_stream_is_deterministic_and_resumable():
 
 def test_predict_labels_are_balanced():
     dm = ClassLabelDataModule(num_classes=10, batch_size=25, predict_samples=100)
-    labels = torch.cat(list(dm.predict_dataloader()))
+    batches = list(dm.predict_dataloader())
+    labels = torch.cat([b["conditions"] for b in batches])
     assert torch.bincount(labels).tolist() == [10] * 10
+    assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(100))  # global indices, in order

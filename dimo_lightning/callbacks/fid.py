@@ -1,4 +1,4 @@
-"""FIDMonitor: FID (and KID, precision, recall, accuracy) of the one-step student during training."""
+"""FIDMonitor: FID (and KID, precision, recall, IS, accuracy) of the one-step student during training."""
 
 from __future__ import annotations
 
@@ -8,24 +8,38 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from dimo_lightning.callbacks.common import accuracy_function, student_sampler
+from dimo_lightning.callbacks.common import (
+    check_accuracy_network,
+    evaluation_conditions,
+    load_accuracy_network,
+    shared_extractor,
+    shared_reference,
+    student_sampler,
+)
 from dimo_lightning.callbacks.ema import evaluation_student
-from dimo_lightning.evaluation import balanced_labels, load_reference
 
 
 class FIDMonitor(Callback):
-    """Every ``every_n_generator_steps`` student updates, sample the (EMA) student, shard the samples across ranks,
-    gather them, score them on rank zero and log ``val/fid``, ``val/kid``, ``val/precision``, ``val/recall`` and
-    ``val/accuracy`` (all ranks log the broadcast values, so ``ModelCheckpoint(monitor="val/fid")`` works).
+    """Every ``every_n_generator_steps`` student updates, score the (EMA) student and log ``val/fid``, ``val/kid``,
+    ``val/precision``, ``val/recall``, ``val/is`` (extractors with logits) and ``val/accuracy`` (label conditions).
+
+    Each rank samples, decodes and extracts features of its own share of the ``num_samples`` conditions on its own
+    device, in batches; only the features are gathered (2,048 floats per image for Inception). Every rank computes
+    the metrics from the gathered features (no rank waits on another's CPU work) and rank zero's values are
+    broadcast, so every rank logs the same numbers (``ModelCheckpoint(monitor="val/fid")`` works).
+
+    The reference and the extractor are loaded and checked in ``setup`` on every rank, so a wrong path, extractor or
+    feature size fails before the first step.
 
     Args:
         every_n_generator_steps: cadence in generator steps (also runs at the last step).
-        num_samples: samples per evaluation, balanced over classes.
-        reference: real images (``mnist-val``, ``mnist-all`` or an ``.npz`` path).
-        extractor: torch-fidelity feature extractor name.
+        num_samples: samples per evaluation (conditions from the DataModule, else balanced labels).
+        reference: a ``dimo stats`` file (``.npz`` with ``mu``/``sigma``), or real images whose statistics are
+            computed once at setup: ``mnist-val``, ``mnist-all``, an ``.npz`` of images, an image folder.
+        extractor: registered torch-fidelity feature extractor (``mnist-cnn``, ``inception-local``).
         weights_path: local weights of the extractor (Inception).
         accuracy_network: ``mnist-cnn`` or null.
-        batch_size: sampling batch size per rank.
+        batch_size: sampling, decoding and feature batch size per rank.
         seed: seed of the samples (fixed across evaluations, so curves compare like with like).
         temperature: sampling temperature (None: the module's ``sample_temperature``).
     """
@@ -44,17 +58,30 @@ class FIDMonitor(Callback):
     ) -> None:
         if every_n_generator_steps < 1:
             raise ValueError(f"every_n_generator_steps must be >= 1, got {every_n_generator_steps}")
+        if num_samples < 4 or batch_size < 1:
+            raise ValueError(f"num_samples must be >= 4 and batch_size >= 1, got {num_samples}, {batch_size}")
+        check_accuracy_network(accuracy_network)
         self.every = every_n_generator_steps
         self.num_samples = num_samples
         self.reference_spec = reference
-        self.extractor = extractor
+        self.extractor_name = extractor
         self.weights_path = weights_path
-        self.accuracy_fn = accuracy_function(accuracy_network)
+        self.accuracy_network_name = accuracy_network
         self.batch_size = batch_size
         self.seed = seed
         self.temperature = temperature
-        self._reference: torch.Tensor | None = None
+        self.evaluations = 0  # how many times metrics were computed (tests)
         self._last_step = -1
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        device = trainer.strategy.root_device
+        self.extractor = shared_extractor(self.extractor_name, self.weights_path, device, "FIDMonitor.extractor")
+        self.reference = shared_reference(self.reference_spec, self.extractor, "FIDMonitor.reference",
+                                          need_features=4)
+        self.accuracy_network = load_accuracy_network(self.accuracy_network_name, device)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -65,35 +92,27 @@ class FIDMonitor(Callback):
         self._last_step = step
         metrics = self.compute(trainer, pl_module)
         for name, value in metrics.items():
-            pl_module.log(f"val/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "fid")
+            if value is not None:
+                pl_module.log(f"val/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "fid")
 
     @torch.no_grad()
-    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Generate this rank's shard, gather, score on rank zero, broadcast -> metrics."""
-        rank, world = trainer.global_rank, trainer.world_size
-        labels = balanced_labels(self.num_samples, pl_module.teacher.num_classes)
-        per_rank = -(-self.num_samples // world)  # ceil: every rank makes the same count (gather needs it)
-        padded = torch.cat([labels, labels[: per_rank * world - len(labels)]])
-        mine = padded[rank * per_rank : (rank + 1) * per_rank]
-        sampler = student_sampler(pl_module, self.temperature)
-        network = evaluation_student(pl_module)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + rank)
-        images = []
-        for start in range(0, len(mine), self.batch_size):
-            codes = sampler(network, mine[start : start + self.batch_size], generator)
-            images.append(pl_module.teacher.decode(codes).float())
-        gathered = pl_module.all_gather(torch.cat(images))  # (world, per_rank, C, H, W) or (per_rank, ...)
-        metrics: dict[str, float] = {}
-        if trainer.is_global_zero:
-            from dimo_lightning.metrics.fidelity import compute_metrics
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float | None]:
+        """This rank's share of samples -> gathered features -> metrics (rank zero's, on every rank)."""
+        from dimo_lightning.evaluation import sharded_sample_features
+        from dimo_lightning.metrics.features import metrics_from_features
 
-            all_images = gathered.reshape(-1, *gathered.shape[-3:]).cpu()[: self.num_samples]
-            if self._reference is None:
-                self._reference, _ = load_reference(self.reference_spec)
-            metrics = compute_metrics(all_images, self._reference, extractor=self.extractor,
-                                      weights_path=self.weights_path)
-            if self.accuracy_fn is not None:
-                metrics["accuracy"] = self.accuracy_fn(all_images, labels)
-            rank_zero_info(f"generator step {pl_module.generator_step}: " +
-                           ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return trainer.strategy.broadcast(metrics, src=0)
+        conditions = evaluation_conditions(trainer, pl_module, self.num_samples)
+        network = evaluation_student(pl_module)
+        sampler = student_sampler(pl_module, self.temperature)
+        samples = sharded_sample_features(
+            pl_module, lambda cond, gen: sampler(network, cond, gen), conditions, self.extractor, self.batch_size,
+            self.seed, self.accuracy_network,
+        )
+        metrics = metrics_from_features(samples.features, self.reference, samples.logits)
+        metrics = {"fid": metrics["fid"], "kid": metrics["kid"], "precision": metrics["precision"],
+                   "recall": metrics["recall"], "is": metrics["is"], "accuracy": samples.accuracy}
+        metrics = trainer.strategy.broadcast(metrics, src=0)  # rank zero's numbers everywhere, bit for bit
+        self.evaluations += 1
+        rank_zero_info(f"generator step {pl_module.generator_step}: " +
+                       ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None))
+        return metrics

@@ -5,30 +5,43 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from dimo_lightning.callbacks.common import accuracy_function, run_directory, student_sampler
+from dimo_lightning.callbacks.common import (
+    check_accuracy_network,
+    evaluation_conditions,
+    load_accuracy_network,
+    run_directory,
+    shared_extractor,
+    shared_reference,
+    student_sampler,
+)
 from dimo_lightning.callbacks.ema import evaluation_student
-from dimo_lightning.evaluation import evaluate, format_table, load_reference, write_report
+from dimo_lightning.evaluation import evaluation_row, format_table, sharded_sample_features, write_report
 
 
 class EvaluationReport(Callback):
     """Scores the teacher at several step counts and the (EMA) student at one step; writes ``eval.json`` and
     ``eval.md`` into the run's log directory and prints the table.
 
+    Every rank samples its share of every row and extracts its features; only features are gathered, every rank
+    computes the metrics and rank zero writes the files (no rank waits on rank zero's sampling). The reference and
+    the extractor are checked in ``setup`` (fit and validate), before any step.
+
     Args:
-        num_samples: samples per row, balanced over classes.
+        num_samples: samples per row (conditions from the DataModule, else balanced labels; seeded).
         teacher_steps: step counts of the teacher rows.
         teacher_cfg_scale: the teacher's CFG at sampling (None: the module's ``teacher_cfg_scale``).
         teacher_choice_temperature: Gumbel temperature of the teacher's MaskGIT decoder.
-        reference: real images (``mnist-val``, ``mnist-all`` or an ``.npz``).
+        reference: a ``dimo stats`` file, or real images (``mnist-val``, ``mnist-all``, an ``.npz``, a folder).
         extractor: torch-fidelity feature extractor (``mnist-cnn``, ``inception-local``).
         weights_path: local weights file of the extractor (Inception).
         accuracy_network: class-accuracy network (``mnist-cnn``) or null.
-        batch_size: sampling batch size.
-        seed: seed of the samples (same labels and seed for every row).
+        batch_size: sampling batch size per rank.
+        seed: seed of the samples (same conditions and seed for every row).
         on_fit_end: run at the end of ``dimo fit``.
     """
 
@@ -46,47 +59,73 @@ class EvaluationReport(Callback):
         seed: int = 0,
         on_fit_end: bool = True,
     ) -> None:
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+        if num_samples < 4:
+            raise ValueError(f"num_samples must be >= 4, got {num_samples}")
+        check_accuracy_network(accuracy_network)
         self.num_samples = num_samples
         self.teacher_steps = list(teacher_steps)
         self.teacher_cfg_scale = teacher_cfg_scale
         self.teacher_choice_temperature = teacher_choice_temperature
-        self.reference = reference
-        self.extractor = extractor
+        self.reference_spec = reference
+        self.extractor_name = extractor
         self.weights_path = weights_path
-        self.accuracy_fn = accuracy_function(accuracy_network)
+        self.accuracy_network_name = accuracy_network
         self.batch_size = batch_size
         self.seed = seed
         self.run_on_fit_end = on_fit_end
         self.rows = None
+        self.written: tuple | None = None
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "validate" or (stage == "fit" and self.run_on_fit_end):
+            device = trainer.strategy.root_device
+            self.extractor = shared_extractor(self.extractor_name, self.weights_path, device,
+                                              "EvaluationReport.extractor")
+            self.reference = shared_reference(self.reference_spec, self.extractor, "EvaluationReport.reference",
+                                              need_features=4)
+            self.accuracy_network = load_accuracy_network(self.accuracy_network_name, device)
+
+    @torch.no_grad()
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        directory = run_directory(trainer)  # a collective (log_dir broadcasts): every rank, before the branch
+        """Every rank: sample its share of each row, gather features, score; rank zero writes the report."""
+        directory = run_directory(trainer)  # a collective (log_dir broadcasts): every rank, before any branch
+        teacher = pl_module.teacher
+        cfg = self.teacher_cfg_scale if self.teacher_cfg_scale is not None else pl_module.hparams.teacher_cfg_scale
+        rank_zero_info(f"Evaluating teacher ({self.teacher_steps} steps, CFG {cfg}) and student on "
+                       f"{self.num_samples} samples against {self.reference_spec} ...")
+        conditions = evaluation_conditions(trainer, pl_module, self.num_samples)
+        student = evaluation_student(pl_module)
+        sampler = student_sampler(pl_module)
+
+        def teacher_codes(batch, generator, steps):
+            cond = teacher.encode_condition(batch)
+            cond = cond.to(pl_module.device) if isinstance(cond, torch.Tensor) else cond
+            return teacher.sample(cond, steps=steps, cfg_scale=cfg, choice_temperature=self.teacher_choice_temperature,
+                                  generator=generator)
+
+        rows = []
+        runs = [("teacher", s, lambda b, g, s=s: teacher_codes(b, g, s)) for s in self.teacher_steps]
+        runs.append(("student", 1, lambda b, g: sampler(student, b, g)))
+        for name, steps, sample_codes in runs:
+            samples = sharded_sample_features(pl_module, sample_codes, conditions, self.extractor, self.batch_size,
+                                              self.seed, self.accuracy_network)
+            rows.append(evaluation_row(name, steps, samples, self.reference))
+            rank_zero_info(f"  evaluated {name} at {steps} step(s): FID {rows[-1].fid:.3f}")
+        self.rows = trainer.strategy.broadcast(rows, src=0)  # rank zero's numbers on every rank
         if trainer.is_global_zero:
-            reference, _ = load_reference(self.reference)
-            cfg = self.teacher_cfg_scale if self.teacher_cfg_scale is not None else pl_module.hparams.teacher_cfg_scale
-            rank_zero_info(f"Evaluating teacher ({self.teacher_steps} steps, CFG {cfg}) and student on "
-                           f"{self.num_samples} samples against {self.reference} ...")
-            student = evaluation_student(pl_module)
-            self.rows = evaluate(
-                pl_module.teacher, student, student_sampler(pl_module), reference,
-                num_samples=self.num_samples, teacher_steps=self.teacher_steps, teacher_cfg_scale=cfg,
-                teacher_choice_temperature=self.teacher_choice_temperature, batch_size=self.batch_size,
-                seed=self.seed, extractor=self.extractor, weights_path=self.weights_path,
-                accuracy_fn=self.accuracy_fn, log=rank_zero_info,
-            )
             meta = {
                 "generator_step": pl_module.generator_step,
                 "num_samples": self.num_samples,
-                "reference": self.reference,
+                "reference": self.reference_spec,
+                "extractor": self.extractor_name,
                 "teacher_cfg_scale": cfg,
                 "student": "ema" if student is not pl_module.student else "raw",
+                "world_size": trainer.world_size,
             }
-            json_path, md_path = write_report(self.rows, directory, meta)
+            self.written = write_report(self.rows, directory, meta)
             print("\n" + format_table(self.rows) + "\n")
-            print(f"report written to {json_path} and {md_path}")
-        trainer.strategy.barrier("evaluation_report")
+            print(f"report written to {self.written[0]} and {self.written[1]}")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

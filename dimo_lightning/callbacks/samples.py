@@ -2,45 +2,98 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
-from dimo_lightning.callbacks.common import run_directory, student_sampler
+from dimo_lightning.callbacks.common import batch_spans, run_directory, slice_conditions, student_sampler
 from dimo_lightning.callbacks.ema import evaluation_student
+
+
+def grid_conditions(trainer: pl.Trainer, pl_module: pl.LightningModule, classes: Sequence[int] | None,
+                    rows: int) -> Any:
+    """The grid's row conditions: ``classes`` if given, else the DataModule's ``grid_conditions(rows)`` if it has
+    one, else the first ``rows`` classes of the teacher."""
+    if classes is not None:
+        return torch.as_tensor(list(classes), dtype=torch.long)
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and callable(getattr(datamodule, "grid_conditions", None)):
+        return datamodule.grid_conditions(rows)
+    num_classes = getattr(pl_module.teacher, "num_classes", None)
+    if num_classes is None:
+        raise ValueError("SampleGrid needs `classes`, a DataModule with grid_conditions(rows) or a teacher with "
+                         "num_classes")
+    return torch.arange(min(rows, num_classes))
+
+
+def repeat_each(conditions: Any, times: int) -> Any:
+    """Each condition ``times`` times in a row: a tensor or a list."""
+    if isinstance(conditions, torch.Tensor):
+        return conditions.repeat_interleave(times)
+    return [c for c in conditions for _ in range(times)]
 
 
 class SampleGrid(Callback):
     """Every ``every_n_generator_steps`` (and at the start and end of fit), render ``samples_per_class`` one-step
-    samples of every class (a row per class) with fixed seeds; log the grid to TensorBoard as ``samples/student``
-    and save ``samples/step_XXXXXX.png`` in the run directory.
+    samples of a few fixed conditions (a row each) with a fixed seed, in batches of ``batch_size``; log the grid to
+    TensorBoard as ``samples/student`` and save ``samples/step_XXXXXX.png`` in the run directory.
+
+    Every rank renders the same (small) grid, so no rank runs a forward the others skip (sharded models need every
+    rank in each forward); rank zero writes it.
 
     Args:
         every_n_generator_steps: cadence in generator steps.
-        samples_per_class: columns of the grid.
+        samples_per_class: columns of the grid (at most ``max_columns``).
+        classes: the class of each row; None: the DataModule's ``grid_conditions`` or the teacher's first
+            ``max_rows`` classes.
+        max_rows: cap on the rows (a 1,000-class teacher shows ``max_rows`` classes, not 1,000).
+        max_columns: cap on the columns.
+        batch_size: samples per student forward and decode.
         seed: seed of the fixed samples.
     """
 
-    def __init__(self, every_n_generator_steps: int = 100, samples_per_class: int = 10, seed: int = 0) -> None:
-        if every_n_generator_steps < 1 or samples_per_class < 1:
-            raise ValueError("every_n_generator_steps and samples_per_class must be >= 1")
+    def __init__(
+        self,
+        every_n_generator_steps: int = 100,
+        samples_per_class: int = 10,
+        classes: list[int] | None = None,
+        max_rows: int = 10,
+        max_columns: int = 16,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if min(every_n_generator_steps, samples_per_class, max_rows, max_columns, batch_size) < 1:
+            raise ValueError("SampleGrid: every_n_generator_steps, samples_per_class, max_rows, max_columns and "
+                             "batch_size must be >= 1")
+        if classes is not None and len(classes) == 0:
+            raise ValueError("SampleGrid.classes must be null or non-empty")
         self.every = every_n_generator_steps
-        self.samples_per_class = samples_per_class
+        self.columns = min(samples_per_class, max_columns)
+        self.classes = list(classes) if classes is not None else None
+        self.max_rows = max_rows
+        self.batch_size = batch_size
         self.seed = seed
         self._last_step = -1
         self.last_path = None
 
     @torch.no_grad()
     def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
-        """The grid image (C, H, W) of the current (EMA) student."""
-        num_classes = pl_module.teacher.num_classes
-        labels = torch.arange(num_classes).repeat_interleave(self.samples_per_class)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        codes = student_sampler(pl_module)(evaluation_student(pl_module), labels, generator)
-        images = pl_module.teacher.decode(codes).float().cpu()
-        return make_grid(images, nrow=self.samples_per_class, padding=2, pad_value=0.5)
+        """The grid image (C, H, W) of the current (EMA) student: at most ``max_rows`` x ``max_columns`` samples."""
+        rows = grid_conditions(trainer, pl_module, self.classes, self.max_rows)
+        rows = slice_conditions(rows, 0, self.max_rows)
+        conditions = repeat_each(rows, self.columns)
+        sampler, network = student_sampler(pl_module), evaluation_student(pl_module)
+        images = []
+        for index, (start, stop) in enumerate(batch_spans(len(conditions), self.batch_size)):
+            generator = torch.Generator(device=pl_module.device).manual_seed(self.seed * 1_000_003 + index)
+            codes = sampler(network, slice_conditions(conditions, start, stop), generator)
+            images.append(pl_module.teacher.decode(codes).float().cpu())
+        return make_grid(torch.cat(images), nrow=self.columns, padding=2, pad_value=0.5)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = pl_module.generator_step

@@ -1,8 +1,19 @@
-"""SampleWriter: ``dimo predict`` output as ``samples.npz`` (images, labels) plus PNG files."""
+"""SampleWriter: ``dimo predict`` output streamed to disk in shards, and the reader of that output.
+
+Layout of an output folder (``<run dir>/predictions`` or ``output_dir``):
+
+- ``samples_XXXXXXXX.npz`` (the global index of its first sample): ``images`` uint8 (B, H, W, C) (ADM's layout),
+  ``labels`` (B,) (the conditions: int64 labels, or strings for prompts) and ``index`` int64 (B,) global indices;
+- ``png/XXXXXX_<label>.png`` (``XXXXXX.png`` for non-label conditions) for the first ``max_png`` global indices;
+- ``index.json`` (written last, by rank zero): ``count``, ``image_shape`` and the shards in global order.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,40 +23,124 @@ from typing_extensions import override
 
 from dimo_lightning.callbacks.common import run_directory
 
+INDEX_FILE = "index.json"
+
+
+def _as_numpy_conditions(conditions: Any) -> np.ndarray:
+    if isinstance(conditions, torch.Tensor):
+        return conditions.detach().cpu().numpy()
+    return np.asarray([str(c) for c in conditions])
+
 
 class SampleWriter(BasePredictionWriter):
-    """Collects the predictions (dicts with ``images`` (B, C, H, W) in [0, 1] and ``labels`` (B,)) and writes
-    ``samples.npz`` (``images`` float32 (N, H, W) for one channel, else (N, C, H, W); ``labels`` int64 (N,)) and
-    ``png/<index>_<label>.png`` into ``output_dir`` (default: the run's log directory).
+    """Writes each rank's predictions (dicts with ``images`` (B, C, H, W) in [0, 1], ``labels`` and the global
+    ``index`` (B,)) as they come: a shard file every ``shard_size`` samples, so memory holds one shard per rank.
+    After a barrier on every rank, rank zero checks that every global index was written exactly once and writes
+    ``index.json``. The images are dropped from the predictions Lightning keeps (they are on disk).
 
     Args:
-        output_dir: where to write (None: the run's log directory).
-        max_png: write at most this many PNG files (0: none).
+        output_dir: where to write (None: ``predictions`` in the run's log directory).
+        shard_size: samples per shard file and rank.
+        max_png: also write PNG files of the first ``max_png`` global indices (0: none).
     """
 
-    def __init__(self, output_dir: str | None = None, max_png: int = 1000) -> None:
-        super().__init__(write_interval="epoch")
+    def __init__(self, output_dir: str | None = None, shard_size: int = 1000, max_png: int = 1000) -> None:
+        super().__init__(write_interval="batch")
+        if shard_size < 1 or max_png < 0:
+            raise ValueError(f"SampleWriter: shard_size must be >= 1 and max_png >= 0, got {shard_size}, {max_png}")
         self.output_dir = output_dir
+        self.shard_size = shard_size
         self.max_png = max_png
-        self.path: Path | None = None
+        self.path: Path | None = None  # the output folder
+        self._buffer: list[dict[str, np.ndarray]] = []
 
     @override
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        images = torch.cat([p["images"] for p in predictions]).float().cpu()
-        labels = torch.cat([p["labels"] for p in predictions]).long().cpu()
-        if trainer.world_size > 1:
-            images = pl_module.all_gather(images).reshape(-1, *images.shape[1:]).cpu()
-            labels = pl_module.all_gather(labels).reshape(-1).cpu()
-        directory = Path(self.output_dir) if self.output_dir else run_directory(trainer)  # collective: all ranks
-        if not trainer.is_global_zero:
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        array = images[:, 0] if images.shape[1] == 1 else images
-        self.path = directory / "samples.npz"
-        np.savez_compressed(self.path, images=array.numpy().astype(np.float32), labels=labels.numpy())
+    def on_predict_start(self, trainer, pl_module) -> None:
+        # every rank: log_dir and barrier are collectives
+        self.path = Path(self.output_dir) if self.output_dir else run_directory(trainer) / "predictions"
+        if trainer.is_global_zero:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for stale in [*self.path.glob("samples_*.npz"), self.path / INDEX_FILE]:
+                stale.unlink(missing_ok=True)  # an earlier run's shards would end up in this run's index
+        trainer.strategy.barrier("SampleWriter.start")
+        self._buffer = []
+
+    @override
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        images = prediction["images"].detach()
+        index = prediction.get("index")
+        if index is None:
+            if not batch_indices:
+                raise ValueError("SampleWriter needs global sample indices: predict_step must return 'index' "
+                                 "(ClassLabelDataModule's predict loader provides them)")
+            index = torch.as_tensor(batch_indices)
+        index = index.detach().cpu().long().numpy()
+        labels = _as_numpy_conditions(prediction["labels"])
+        pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # (B, C, H, W), as save_image rounds
+        self._buffer.append({"images": pixels.permute(0, 2, 3, 1).cpu().numpy(), "labels": labels, "index": index})
         if self.max_png:
-            png_dir = directory / "png"
-            png_dir.mkdir(exist_ok=True)
-            for i in range(min(self.max_png, len(images))):
-                save_image(images[i], png_dir / f"{i:06d}_{int(labels[i])}.png")
-        print(f"wrote {len(images)} samples to {self.path} (PNG files in {directory / 'png'})")
+            png_dir = self.path / "png"
+            for i in np.flatnonzero(index < self.max_png):
+                png_dir.mkdir(exist_ok=True)
+                suffix = f"_{labels[i]}" if np.issubdtype(labels.dtype, np.integer) else ""  # prompts: index only
+                save_image(images[i].float().cpu(), png_dir / f"{index[i]:06d}{suffix}.png")
+        del prediction["images"]  # Lightning keeps the returned predictions: not the images
+        if sum(len(b["index"]) for b in self._buffer) >= self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        shard = {key: np.concatenate([b[key] for b in self._buffer]) for key in ("images", "labels", "index")}
+        self._buffer = []
+        target = self.path / f"samples_{int(shard['index'][0]):08d}.npz"
+        tmp = target.with_name(target.stem + ".tmp.npz")
+        np.savez(tmp, **shard)
+        tmp.replace(target)  # readers never see half a shard
+
+    @override
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self._flush()
+        trainer.strategy.barrier("SampleWriter.end")  # every rank: all shards are on disk after this
+        if trainer.is_global_zero:
+            index = write_prediction_index(self.path)
+            print(f"wrote {index['count']} samples in {len(index['shards'])} shard(s) to {self.path}")
+
+
+def write_prediction_index(directory: str | Path) -> dict:
+    """Check the shards of ``directory`` (every global index 0..N-1 exactly once) and write ``index.json``."""
+    directory = Path(directory)
+    shards, expected, image_shape = [], 0, None
+    for path in sorted(directory.glob("samples_*.npz")):
+        if path.name.endswith(".tmp.npz"):
+            continue
+        with np.load(path) as data:
+            index = data["index"]
+            image_shape = list(data["images"].shape[1:])
+        if len(index) == 0 or not np.array_equal(index, np.arange(expected, expected + len(index))):
+            raise ValueError(f"{path}: global indices {index[:3]}... do not continue from {expected}: a sample is "
+                             "missing or written twice")
+        shards.append({"file": path.name, "first": int(index[0]), "count": int(len(index))})
+        expected += len(index)
+    payload = {"count": expected, "image_shape": image_shape, "shards": shards}
+    tmp = directory / (INDEX_FILE + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(directory / INDEX_FILE)
+    return payload
+
+
+def read_prediction_index(directory: str | Path) -> dict:
+    """``index.json`` of a ``dimo predict`` folder."""
+    path = Path(directory) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a finished `dimo predict` output folder")
+    return json.loads(path.read_text())
+
+
+def iter_prediction_shards(directory: str | Path) -> Iterator[dict[str, np.ndarray]]:
+    """The shards of a ``dimo predict`` folder in global order, one at a time: ``images`` uint8 (B, H, W, C),
+    ``labels`` (B,), ``index`` (B,)."""
+    directory = Path(directory)
+    for shard in read_prediction_index(directory)["shards"]:
+        with np.load(directory / shard["file"]) as data:
+            yield {key: data[key] for key in ("images", "labels", "index")}

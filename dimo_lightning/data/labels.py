@@ -70,6 +70,45 @@ class ResumableLoader(DataLoader):
         self.dataset.position = int(state["position"])
 
 
+class PredictConditions(IterableDataset):
+    """``dimo predict``'s conditions: this rank's contiguous, non-overlapping share of the global indices
+    ``range(num_samples)``, in order, as batches ``{"conditions": labels (B,), "index": global indices (B,)}``.
+
+    The global indices are cut into batches of ``batch_size`` first and ranks take contiguous blocks of whole
+    batches (:func:`~dimo_lightning.callbacks.common.rank_batches`): a batch, and so its samples (seeded by its first
+    index), is the same on any number of ranks. The label of global index i is ``i % num_classes`` (balanced, class
+    order). The rank is read when iterated (after the process group exists); being an IterableDataset, Lightning
+    never re-shards it with a distributed sampler, so no sample is padded in twice (``use_distributed_sampler`` may
+    stay at its default). Ranks may get unequal counts (by up to one batch).
+
+    Args:
+        num_samples: samples over all ranks.
+        num_classes: classes of the teacher.
+        batch_size: conditions per batch.
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, batch_size: int) -> None:
+        super().__init__()
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+
+    def batches(self) -> list[tuple[int, int]]:
+        """This rank's batches ``[(start, stop), ...]`` of global indices."""
+        from dimo_lightning.callbacks.common import rank_batches
+
+        rank, world = _rank_and_world()
+        return [span for _, span in rank_batches(self.num_samples, self.batch_size, rank, world)]
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __iter__(self):
+        for start, stop in self.batches():
+            index = torch.arange(start, stop)
+            yield {"conditions": index % self.num_classes, "index": index}
+
+
 class ClassLabelDataModule(pl.LightningDataModule):
     """Conditions only: batches of class labels (B,) long.
 
@@ -78,7 +117,8 @@ class ClassLabelDataModule(pl.LightningDataModule):
         batch_size: labels per batch per rank (the Di[M]O batch size B).
         batches_per_epoch: batches in one Lightning epoch (epochs only pace logging and checkpoints).
         seed: base seed of the label stream (each rank adds its rank).
-        predict_samples: number of labels ``dimo predict`` samples, balanced over classes in class order.
+        predict_samples: number of labels ``dimo predict`` samples over all ranks, balanced over classes in class
+            order.
     """
 
     def __init__(
@@ -112,6 +152,10 @@ class ClassLabelDataModule(pl.LightningDataModule):
         return DataLoader(torch.arange(self.batch_size) % self.num_classes, batch_size=self.batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        """``predict_samples`` labels cycling through the classes in order (balanced)."""
-        labels = torch.arange(self.predict_samples) % self.num_classes
-        return DataLoader(labels, batch_size=self.batch_size)
+        """``predict_samples`` labels cycling through the classes in order (balanced), each rank a contiguous share
+        of the global indices (:class:`PredictConditions`)."""
+        return DataLoader(PredictConditions(self.predict_samples, self.num_classes, self.batch_size), batch_size=None)
+
+    def evaluation_conditions(self, num_samples: int) -> torch.Tensor:
+        """The conditions of the evaluation callbacks: (num_samples,) labels cycling through the classes."""
+        return torch.arange(num_samples) % self.num_classes
