@@ -85,7 +85,7 @@ def test_predict_writes_npz_and_png(tiny_teacher, tmp_path):
     assert len(list((writer.path.parent / "png").glob("*.png"))) == 5
     # teacher sampling through the same command, and seeded: two runs agree
     module.hparams.predict_with = "teacher"
-    module.hparams.predict_teacher_steps = 4
+    module.teacher_sampling.steps = 4
     w2, w3 = SampleWriter(str(tmp_path / "t1"), 0), SampleWriter(str(tmp_path / "t2"), 0)
     trainer(tmp_path, [w2]).predict(module, ClassLabelDataModule(10, 8, 3, predict_samples=30))
     trainer(tmp_path, [w3]).predict(module, ClassLabelDataModule(10, 8, 3, predict_samples=30))

@@ -21,8 +21,9 @@ class EvaluationReport(Callback):
     Args:
         num_samples: samples per row, balanced over classes.
         teacher_steps: step counts of the teacher rows.
-        teacher_cfg_scale: the teacher's CFG at sampling (None: the module's ``teacher_cfg_scale``).
-        teacher_choice_temperature: Gumbel temperature of the teacher's MaskGIT decoder.
+        teacher_cfg_scale: override of the teacher's CFG at sampling (None: the module's ``teacher_sampling``).
+        teacher_choice_temperature: override of the Gumbel temperature of the teacher's MaskGIT decoder (None: the
+            module's ``teacher_sampling.choice_temperature``, the value ``dimo predict`` uses too).
         reference: real images (``mnist-val``, ``mnist-all`` or an ``.npz``).
         extractor: torch-fidelity feature extractor (``mnist-cnn``, ``inception-local``).
         weights_path: local weights file of the extractor (Inception).
@@ -37,7 +38,7 @@ class EvaluationReport(Callback):
         num_samples: int = 1000,
         teacher_steps: Sequence[int] = (1, 2, 4, 8, 16),
         teacher_cfg_scale: float | None = None,
-        teacher_choice_temperature: float = 4.5,
+        teacher_choice_temperature: float | None = None,
         reference: str = "mnist-val",
         extractor: str = "mnist-cnn",
         weights_path: str | None = None,
@@ -65,14 +66,18 @@ class EvaluationReport(Callback):
         directory = run_directory(trainer)  # a collective (log_dir broadcasts): every rank, before the branch
         if trainer.is_global_zero:
             reference, _ = load_reference(self.reference)
-            cfg = self.teacher_cfg_scale if self.teacher_cfg_scale is not None else pl_module.hparams.teacher_cfg_scale
+            # One home for the teacher's decoding settings: the module's teacher_sampling, unless overridden here.
+            settings = pl_module.teacher_sampling.sample_kwargs(pl_module.hparams.teacher_cfg_scale)
+            cfg = self.teacher_cfg_scale if self.teacher_cfg_scale is not None else settings["cfg_scale"]
+            tau = (self.teacher_choice_temperature if self.teacher_choice_temperature is not None
+                   else settings["choice_temperature"])
             rank_zero_info(f"Evaluating teacher ({self.teacher_steps} steps, CFG {cfg}) and student on "
                            f"{self.num_samples} samples against {self.reference} ...")
             student = evaluation_student(pl_module)
             self.rows = evaluate(
                 pl_module.teacher, student, student_sampler(pl_module), reference,
                 num_samples=self.num_samples, teacher_steps=self.teacher_steps, teacher_cfg_scale=cfg,
-                teacher_choice_temperature=self.teacher_choice_temperature, batch_size=self.batch_size,
+                teacher_choice_temperature=tau, batch_size=self.batch_size,
                 seed=self.seed, extractor=self.extractor, weights_path=self.weights_path,
                 accuracy_fn=self.accuracy_fn, log=rank_zero_info,
             )
@@ -81,6 +86,7 @@ class EvaluationReport(Callback):
                 "num_samples": self.num_samples,
                 "reference": self.reference,
                 "teacher_cfg_scale": cfg,
+                "teacher_choice_temperature": tau,
                 "student": "ema" if student is not pl_module.student else "raw",
             }
             json_path, md_path = write_report(self.rows, directory, meta)
