@@ -182,10 +182,20 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
         err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
 
 
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    frames = list(traceback.walk_tb(err.__traceback__))
+    return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1][0].f_code.co_filename
+
+
 def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception of a chain: jsonargparse re-raises a constructor's error inside a long
-    "Does not validate against any of the Union subtypes" message, ``from`` the original."""
-    return list(_causes(err))[-1]
+    """The error to report. jsonargparse re-raises a constructor's error inside a long "Does not validate against
+    any of the Union subtypes" message (``from`` the original): skip its wrappers down to the first exception
+    raised elsewhere (which may itself wrap a lower-level one, e.g. a safetensors error, with a better message)."""
+    chain = list(_causes(err))
+    for cause in chain:
+        if not _raised_in_jsonargparse(cause):
+            return cause
+    return chain[-1]
 
 
 def _failing_class(err: BaseException) -> type | None:
@@ -212,10 +222,13 @@ def _flag_for(err: BaseException, message: str, cli_config: Any) -> str | None:
     subcommand = cli_config.get("subcommand") if hasattr(cli_config, "get") else None
     config = cli_config.get(subcommand) if subcommand else cli_config
     items = list(_config_items(config))
-    for key, value in items:
-        if isinstance(value, str) and len(value) > 2 and ("/" in value or "." in value) and value in message:
-            if not key.endswith("class_path") and not key.startswith("config"):
-                return f"--{key}"
+    quoted = [
+        (message.index(value), f"--{key}") for key, value in items
+        if isinstance(value, str) and len(value) > 2 and ("/" in value or "." in value) and value in message
+        and not key.endswith("class_path") and not key.startswith("config")
+    ]
+    if quoted:
+        return min(quoted)[1]  # the value the message names first is the one it is about
     # "r_init must be ..." or "teacher_sampling.schedule must be ...": the message starts with the argument's name
     first = re.match(r"[A-Za-z_][\w.]*", message)
     if first:
@@ -263,8 +276,10 @@ def error_message(err: BaseException, cli_config: Any = None) -> str:
     message = " ".join(str(root.args[0] if isinstance(root, KeyError) and root.args else root).split())
     if isinstance(root, ArgumentError) or message.startswith("Problem with given class_path"):
         message = message.split(" Given value type:")[0]
+    if re.search(r"(^|[\s(])--(model|data|trainer|ckpt_path|config|seed_everything)\b", message):
+        return message  # the message names its flags already
     flag = _flag_for(root, message, cli_config)
-    if flag and flag not in message:
+    if flag:
         message = f"{flag}: {message}"
     return message
 
