@@ -16,7 +16,8 @@ CONFIGS = sorted([*ROOT.glob("configs/**/*.yaml"), *ROOT.glob("examples/*.yaml")
 def _named_paths(markdown: str) -> set[str]:
     """Repository paths in `code spans`, markdown links and code blocks (first component a top-level folder)."""
     candidates = re.findall(r"`([^`\s]+)`", markdown) + re.findall(r"\]\(([^)\s]+)\)", markdown)
-    candidates += re.findall(r"(?<![\w/.-])((?:%s)/[\w./*-]+)" % "|".join(TOP_LEVEL), markdown)
+    folders = "|".join(sorted(TOP_LEVEL))
+    candidates += re.findall(r"(?<![\w/.-])((?:" + folders + r")/[\w./*-]+)", markdown)
     paths = set()
     for token in candidates:
         token = token.split("::")[0].rstrip(".,:;)")
