@@ -60,6 +60,10 @@ class DiMOCLI(LightningCLI):
         parser_kwargs = {"parser_mode": "omegaconf"} if _has_omegaconf() else {}
         # Parse errors raise (main() prints them as one line) instead of printing the usage and exiting.
         parser_kwargs["exit_on_error"] = False
+        parser_kwargs["description"] = (
+            "Di[M]O distillation with Lightning. Commands outside the trainer: "
+            + ", ".join(f"dimo {name}" for name in SUBCOMMANDS) + " (each with --help)."
+        )
         kwargs.setdefault("parser_kwargs", parser_kwargs)
         super().__init__(pl.LightningModule, pl.LightningDataModule, *args, **kwargs)
 
@@ -297,7 +301,10 @@ def main(args: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--debug"]
     _PARSED.clear()
     try:
-        if argv and argv[0] in SUBCOMMANDS:
+        if not argv:
+            commands = ", ".join(["fit", "validate", "test", "predict", *SUBCOMMANDS])
+            raise ArgumentError(None, f"expected a command: {commands} (`dimo --help` describes them)")
+        if argv[0] in SUBCOMMANDS:
             run_subcommand(argv[0], argv[1:])
         else:
             DiMOCLI(args=argv)
