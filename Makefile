@@ -24,11 +24,11 @@ test-all: install ## Run every CPU test, slow ones included
 	$(BIN)/pytest -q -m "not gpu"
 
 lint: install ## Ruff lint
-	$(BIN)/ruff check dimo_lightning tests scripts
+	$(BIN)/ruff check dimo_lightning tests scripts examples
 
 format: install ## Ruff format and import sorting
-	$(BIN)/ruff check --fix --select I dimo_lightning tests scripts
-	$(BIN)/ruff format dimo_lightning tests scripts
+	$(BIN)/ruff check --fix --select I dimo_lightning tests scripts examples
+	$(BIN)/ruff format dimo_lightning tests scripts examples
 
 demo: install ## The main job: distill the MNIST teacher on CPU and print the evaluation table
 	$(BIN)/dimo fit --config configs/mnist/dimo.yaml

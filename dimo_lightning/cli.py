@@ -5,19 +5,48 @@
     dimo predict --config configs/mnist/dimo.yaml --ckpt_path ...
     dimo fit --config configs/mnist/teacher.yaml        # pretrain the MNIST teacher
     dimo stats --reference mnist-val --extractor mnist-cnn --output ref.npz   # reference statistics
+    dimo export --ckpt_path CKPT --output DIR           # the student for Lightning-free sampling
+    dimo sample --student DIR --labels 0,1,2 --num 8 --output OUT
+
+Commands outside LightningCLI (export, sample, ...) are plain typed functions listed in ``SUBCOMMANDS`` and parsed
+by ``jsonargparse.auto_cli``: they never build a teacher. Errors that a user can fix (a bad path, a corrupt file, a
+shape or vocabulary mismatch, an out-of-range label, an unknown key) print one ``dimo: error: ...`` line and exit
+with status 2; ``--debug`` or ``DIMO_DEBUG=1`` keeps the full traceback.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
 import sys
+import traceback
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+# `dimo <name> ...` for commands outside LightningCLI: name -> "module:function" (imported only when used). The
+# function's typed signature and Google docstring become the command's flags and help.
+SUBCOMMANDS: dict[str, str] = {
+    "export": "dimo_lightning.export:export_command",
+    "sample": "dimo_lightning.export:sample_command",
+    "stats": "dimo_lightning.stats:stats",
+}
+
+PROGRESS_BAR = "dimo_lightning.callbacks.progress.GeneratorStepProgressBar"
+# Exceptions that mean "the input is wrong", reported in one line; anything else keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ArgumentError, MisconfigurationException, KeyError)
+ERROR_EXIT_STATUS = 2
+# The parsed config of the running command, for naming the flag behind an error raised while building or running.
+_PARSED: dict[str, Any] = {}
 
 
 class DiMOCLI(LightningCLI):
@@ -30,8 +59,29 @@ class DiMOCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
+        parser_kwargs = {"parser_mode": "omegaconf"} if _has_omegaconf() else {}
+        # Parse errors raise (main() prints them as one line) instead of printing the usage and exiting.
+        parser_kwargs["exit_on_error"] = False
+        parser_kwargs["description"] = (
+            "Di[M]O distillation with Lightning. Commands outside the trainer: "
+            + ", ".join(f"dimo {name}" for name in SUBCOMMANDS) + " (each with --help)."
+        )
+        kwargs.setdefault("parser_kwargs", parser_kwargs)
         super().__init__(pl.LightningModule, pl.LightningDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """Add the generator-step progress bar unless the bar is disabled or another one is configured."""
+        _PARSED["config"] = self.config
+        subcommand = self.config.get("subcommand")
+        trainer = self.config[subcommand].get("trainer") if subcommand else self.config.get("trainer")
+        if trainer is None or trainer.get("enable_progress_bar") is False:
+            return
+        callbacks = trainer.get("callbacks")
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if any(_is_progress_bar(c) for c in callbacks):
+            return
+        callbacks.append(Namespace(class_path=PROGRESS_BAR, init_args=Namespace(refresh_rate=1)))
+        trainer["callbacks"] = callbacks
 
     def _parse_ckpt_path(self) -> None:
         """Keep the given config when ``--ckpt_path`` is set, and say where it differs from the checkpoint.
@@ -53,7 +103,7 @@ class DiMOCLI(LightningCLI):
             checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu",
                                     mmap=zipfile.is_zipfile(ckpt_path))
         except Exception as err:  # a truncated or foreign file: name it instead of a bare unpickling error
-            raise SystemExit(f"dimo: cannot read the checkpoint {ckpt_path} (--ckpt_path): {err}") from err
+            raise ValueError(f"cannot read the checkpoint {ckpt_path} (--ckpt_path): {err}") from err
         saved = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
         model = self.config[subcommand].get("model")
         init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
@@ -103,17 +153,168 @@ def _filter_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; nothing for a user to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # main() hands LightningCLI the command line minus `--debug`; that is not the mistake this warning is about.
+    warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
+
+
+def _is_progress_bar(callback: Any) -> bool:
+    from lightning.pytorch.callbacks import ProgressBar
+
+    class_path = callback.get("class_path") if hasattr(callback, "get") else None
+    if class_path is None:
+        return isinstance(callback, ProgressBar)
+    try:
+        module_name, _, name = str(class_path).rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return False  # jsonargparse reports the bad class_path itself
+    return isinstance(cls, type) and issubclass(cls, ProgressBar)
+
+
+def run_subcommand(name: str, args: list[str]) -> None:
+    """Parse ``args`` against the signature of ``SUBCOMMANDS[name]`` and call it."""
+    from jsonargparse import auto_cli
+
+    module_name, _, function_name = SUBCOMMANDS[name].partition(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    auto_cli(function, args=args, as_positional=False, prog=f"dimo {name}", exit_on_error=False)
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    frames = list(traceback.walk_tb(err.__traceback__))
+    return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1][0].f_code.co_filename
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The error to report. jsonargparse re-raises a constructor's error inside a long "Does not validate against
+    any of the Union subtypes" message (``from`` the original): skip its wrappers down to the first exception
+    raised elsewhere (which may itself wrap a lower-level one, e.g. a safetensors error, with a better message)."""
+    chain = list(_causes(err))
+    for cause in chain:
+        if not _raised_in_jsonargparse(cause):
+            return cause
+    return chain[-1]
+
+
+def _failing_class(err: BaseException) -> type | None:
+    """The class whose ``__init__`` raised ``err`` (innermost frame with a ``self``), if any."""
+    found = None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            found = type(frame.f_locals["self"])
+    return found
+
+
+def _config_items(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    items = config.items() if hasattr(config, "items") else []
+    for key, value in items:
+        yield f"{prefix}{key}", value
+        if hasattr(value, "items"):
+            yield from _config_items(value, f"{prefix}{key}.")
+
+
+def _flag_for(err: BaseException, message: str, cli_config: Any) -> str | None:
+    """The flag to blame: a config value quoted in the message (a path), else the class that failed to build."""
+    if cli_config is None:
+        return None
+    subcommand = cli_config.get("subcommand") if hasattr(cli_config, "get") else None
+    config = cli_config.get(subcommand) if subcommand else cli_config
+    items = list(_config_items(config))
+    quoted = [
+        (message.index(value), f"--{key}") for key, value in items
+        if isinstance(value, str) and len(value) > 2 and ("/" in value or "." in value) and value in message
+        and not key.endswith("class_path") and not key.startswith("config")
+    ]
+    if quoted:
+        return min(quoted)[1]  # the value the message names first is the one it is about
+    # "r_init must be ..." or "teacher_sampling.schedule must be ...": the message starts with the argument's name
+    first = re.match(r"[A-Za-z_][\w.]*", message)
+    if first:
+        for key, _ in items:
+            if key.endswith(f".{first.group(0)}") and not key.endswith("class_path"):
+                return f"--{key}"
+    failing = _failing_class(err)
+    if failing is not None:
+        wanted = f"{failing.__module__}.{failing.__qualname__}"
+        for key, value in items:
+            if key.endswith("class_path") and value == wanted:
+                return f"--{key.removesuffix('.class_path')}"
+    return None
+
+
+def _parse_error_message(err: BaseException) -> str | None:
+    """One line for a jsonargparse parse error: the flag (from the nested "Parser key" messages) and the reason."""
+    keys: list[str] = []
+    owner = None
+    for cause in _causes(err):
+        text = str(cause)
+        match = re.match(r'Parser key "([^"]+)"', text)
+        if match and (not keys or keys[-1] != match.group(1)):
+            keys.append(match.group(1))
+        match = re.match(r"Problem with given class_path '([^']+)'", text)
+        if match:
+            owner = match.group(1)
+    reason = " ".join(str(root_cause(err)).split())
+    unknown = re.match(r"Option '([^']+)' is not accepted", reason)
+    if unknown:
+        keys.append(unknown.group(1))
+        reason = f"unknown option: {owner or 'the class'} has no argument {unknown.group(1)!r}"
+    if not keys:
+        return None
+    return f"--{'.init_args.'.join(keys)}: {reason}"
+
+
+def error_message(err: BaseException, cli_config: Any = None) -> str:
+    """One line for a user error: the root cause's message, prefixed with the flag it concerns when known."""
+    root = root_cause(err)
+    if isinstance(err, ArgumentError):
+        parsed = _parse_error_message(err)
+        if parsed:
+            return parsed
+    message = " ".join(str(root.args[0] if isinstance(root, KeyError) and root.args else root).split())
+    if isinstance(root, ArgumentError) or message.startswith("Problem with given class_path"):
+        message = message.split(" Given value type:")[0]
+    if re.search(r"(^|[\s(])--(model|data|trainer|ckpt_path|config|seed_everything)\b", message):
+        return message  # the message names its flags already
+    flag = _flag_for(root, message, cli_config)
+    if flag:
+        message = f"{flag}: {message}"
+    return message
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``dimo`` console script."""
-    _filter_warnings()
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["stats"]:  # commands outside LightningCLI: a plain function each
-        from dimo_lightning.stats import main as stats_main
+    """Entry point of the ``dimo`` console script.
 
-        return stats_main(argv[1:])
-    DiMOCLI(args=args)
+    ``dimo export|sample ...`` run the functions in ``SUBCOMMANDS``; everything else is a LightningCLI command. A
+    user error ends with one ``dimo: error: ...`` line and exit status 2 (``--debug`` or ``DIMO_DEBUG=1``: the
+    traceback instead).
+    """
+    _filter_warnings()
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("DIMO_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    _PARSED.clear()
+    try:
+        if not argv:
+            commands = ", ".join(["fit", "validate", "test", "predict", *SUBCOMMANDS])
+            raise ArgumentError(None, f"expected a command: {commands} (`dimo --help` describes them)")
+        if argv[0] in SUBCOMMANDS:
+            run_subcommand(argv[0], argv[1:])
+        else:
+            DiMOCLI(args=argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        sys.stderr.write(f"dimo: error: {error_message(err, _PARSED.get('config'))}\n")
+        raise SystemExit(ERROR_EXIT_STATUS) from None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -25,7 +26,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from dimo_lightning.consistency import check_data_matches_module, check_teacher_unchanged
 from dimo_lightning.distributed import clip_grads_, global_grad_norm, is_sharded, shard_network
+from dimo_lightning.export import checkpoint_records
 from dimo_lightning.losses import aux_loss, distribution_matching_grad, finite_rows, generator_loss
 from dimo_lightning.masking import (
     MASK_SCHEDULES,
@@ -36,6 +39,7 @@ from dimo_lightning.masking import (
     sigma_at,
 )
 from dimo_lightning.sampling import sample_tokens
+from dimo_lightning.teacher_sampling import TeacherSampling
 from dimo_lightning.teachers.base import MaskedTeacher
 
 AUX_SAMPLE_MODES = ("fresh", "reuse")
@@ -46,7 +50,9 @@ class DiMOModule(pl.LightningModule):
     """Distills ``teacher`` into a one-step student with an auxiliary model (Di[M]O).
 
     Args:
-        teacher: the frozen teacher (``class_path`` in YAML). Student and aux start as copies of its network.
+        teacher: the frozen teacher (``class_path`` in YAML). Student and aux start as copies of its network. Its
+            class path and arguments are recorded in every checkpoint, so ``DiMOModule.load_from_checkpoint(path)``
+            rebuilds it (a ``{"class_path", "init_args"}`` mapping is accepted here for that purpose).
         optimizer_gen: optimizer factory of the student.
         optimizer_aux: optimizer factory of the aux model.
         scheduler_gen: optional LR-scheduler factory of the student (stepped after each student step).
@@ -91,9 +97,12 @@ class DiMOModule(pl.LightningModule):
         sample_r_init: r_init at evaluation (None: the midpoint of ``r_init``).
         sample_emb_noise_sigma: sigma at evaluation (None: ``emb_noise_sigma``).
         predict_with: what ``dimo predict`` samples: the (EMA) student in one step, or the teacher.
-        predict_teacher_steps: the teacher's MaskGIT steps when ``predict_with: teacher`` (CFG:
-            ``teacher_cfg_scale``).
         predict_seed: seed of ``dimo predict`` samples.
+        teacher_sampling: how the teacher is decoded wherever it is sampled (``dimo predict`` with
+            ``predict_with: teacher`` and the EvaluationReport): steps, cfg_scale (None: ``teacher_cfg_scale``),
+            choice_temperature, schedule, softmax_temperature, cfg_ramp.
+        allow_teacher_change: resume (``--ckpt_path``) with a teacher other than the one the checkpoint was trained
+            against; without it that is an error naming both.
         seed: base seed of all random draws (None: the CLI's ``seed_everything`` value, else 0).
     """
 
@@ -139,14 +148,24 @@ class DiMOModule(pl.LightningModule):
         sample_r_init: float | None = None,
         sample_emb_noise_sigma: float | None = None,
         predict_with: Literal["student", "teacher"] = "student",
-        predict_teacher_steps: int = 16,
         predict_seed: int = 0,
         seed: int | None = None,
+        teacher_sampling: TeacherSampling | None = None,
+        allow_teacher_change: bool = False,
     ) -> None:
         super().__init__()
+        if isinstance(teacher, Mapping):  # load_from_checkpoint: the recorded class path and arguments
+            teacher = MaskedTeacher.from_record(teacher)
         self.save_hyperparameters(
             ignore=["teacher", "optimizer_gen", "optimizer_aux", "scheduler_gen", "scheduler_aux"]
         )
+        # Record the teacher (not its weights) so that checkpoints rebuild it, and keep hyperparameters plain.
+        try:
+            self.hparams["teacher"] = teacher.init_record()
+        except ValueError:
+            self.hparams["teacher"] = None
+        self.teacher_sampling = TeacherSampling.coerce(teacher_sampling)
+        self.hparams["teacher_sampling"] = self.teacher_sampling.to_dict()
         self.automatic_optimization = False
         self._validate()
         self.r_init_range = parse_range(r_init, "r_init")
@@ -308,6 +327,7 @@ class DiMOModule(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        check_data_matches_module(self, self.trainer.datamodule)
         self._set_teacher_mode()
 
     @override
@@ -556,8 +576,8 @@ class DiMOModule(pl.LightningModule):
         offset = int(index[0]) if index is not None and len(index) else self.global_rank * 7_919 + batch_idx
         generator = self._generator((hp.predict_seed * 1_000_003 + offset) % 2**62)
         if hp.predict_with == "teacher":
-            codes = self.teacher.sample(cond, steps=hp.predict_teacher_steps, cfg_scale=hp.teacher_cfg_scale,
-                                        generator=generator)
+            codes = self.teacher.sample(cond, generator=generator,
+                                        **self.teacher_sampling.sample_kwargs(hp.teacher_cfg_scale))
         else:
             codes = self.generate(cond, network=evaluation_student(self), generator=generator)
         out = {"images": self.teacher.decode(codes).float(), "labels": conditions}
@@ -574,10 +594,14 @@ class DiMOModule(pl.LightningModule):
             "generator_step": self.generator_step,
             "iteration": self.iteration,
             "skipped_steps": self.skipped_steps,
+            "export": checkpoint_records(self),  # what `dimo export` needs besides the weights
         }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved_teacher = (checkpoint.get("hyper_parameters") or {}).get("teacher")
+        check_teacher_unchanged(saved_teacher, self.hparams.get("teacher"), "being loaded",
+                                self.hparams.get("allow_teacher_change", False))
         counters = checkpoint.get("dimo", {})
         self.generator_step = int(counters.get("generator_step", 0))
         self.iteration = int(counters.get("iteration", 0))

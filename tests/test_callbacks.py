@@ -96,7 +96,7 @@ def test_predict_streams_ordered_shards_and_png(tiny_teacher, tmp_path):
                                               torch.from_numpy(images).permute(0, 3, 1, 2))
     # teacher sampling through the same command, and seeded: two runs agree
     module.hparams.predict_with = "teacher"
-    module.hparams.predict_teacher_steps = 4
+    module.teacher_sampling.steps = 4
     w2, w3 = SampleWriter(str(tmp_path / "t1"), max_png=0), SampleWriter(str(tmp_path / "t2"), max_png=0)
     trainer(tmp_path, [w2]).predict(module, ClassLabelDataModule(10, 8, 3, predict_samples=30))
     trainer(tmp_path, [w3]).predict(module, ClassLabelDataModule(10, 8, 3, predict_samples=30))

@@ -42,17 +42,29 @@ def test_strategy_fragment_combines_with_base_config():
 
 def test_unknown_key_is_rejected_with_its_name(capsys):
     with pytest.raises(SystemExit) as excinfo:
-        ParseOnlyCLI(args=["--config", str(ROOT / "configs/mnist/dimo.yaml"),
-                           "--model.init_args.no_such_knob=3"], run=False)
-    assert excinfo.value.code != 0
-    assert "no_such_knob" in capsys.readouterr().err
+        main(["fit", "--config", str(ROOT / "configs/mnist/dimo.yaml"), "--model.init_args.no_such_knob=3"])
+    assert excinfo.value.code == 2
+    assert "dimo: error: --model.init_args.no_such_knob" in capsys.readouterr().err
 
 
 def test_bad_choice_names_the_flag(capsys):
     with pytest.raises(SystemExit):
-        ParseOnlyCLI(args=["--config", str(ROOT / "configs/mnist/dimo.yaml"), "--model.init_args.aux_sample=both"],
-                     run=False)
-    assert "aux_sample" in capsys.readouterr().err
+        main(["fit", "--config", str(ROOT / "configs/mnist/dimo.yaml"), "--model.init_args.aux_sample=both"])
+    assert "--model.init_args.aux_sample" in capsys.readouterr().err
+
+
+def test_generator_step_progress_bar_is_added_unless_disabled():
+    from dimo_lightning.callbacks.progress import GeneratorStepProgressBar
+
+    config = ["--config", str(ROOT / "configs/mnist/dimo.yaml"), "--trainer.callbacks=[]"]
+    cli = DiMOCLI(args=config, run=False)
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, GeneratorStepProgressBar)]
+    assert len(bars) == 1 and cli.trainer.progress_bar_callback is bars[0]
+    cli = DiMOCLI(args=[*config, "--trainer.enable_progress_bar=false"], run=False)
+    assert cli.trainer.progress_bar_callback is None
+    cli = DiMOCLI(args=[*config[:2], "--trainer.callbacks=[{class_path: "
+                        "lightning.pytorch.callbacks.TQDMProgressBar, init_args: {refresh_rate: 5}}]"], run=False)
+    assert type(cli.trainer.progress_bar_callback).__name__ == "TQDMProgressBar"  # the user's bar replaces ours
 
 
 def test_teacher_pretraining_fast_dev_run(tmp_path, monkeypatch):
@@ -89,9 +101,10 @@ def test_resume_with_ckpt_path_keeps_command_line_arguments(tmp_path, monkeypatc
     assert resumed["hyper_parameters"]["max_generator_steps"] == 5
 
 
-def test_corrupt_ckpt_path_names_the_file(tmp_path, monkeypatch):
+def test_corrupt_ckpt_path_names_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "broken.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
-    with pytest.raises(SystemExit, match="broken.ckpt"):
+    with pytest.raises(SystemExit) as excinfo:
         main(["validate", *_mnist_dimo_args(2), "--ckpt_path", str(bad)])
+    assert excinfo.value.code == 2 and "broken.ckpt" in capsys.readouterr().err

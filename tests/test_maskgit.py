@@ -237,3 +237,14 @@ def test_dimo_fit_with_imagenet_config_end_to_end(released: dict, tmp_path: Path
                       weights_only=False)
     assert ckpt["dimo"]["generator_step"] == 2
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
+    # `dimo export` of this run: MaskGIT v1.0 keys, so MaskGITTeacher loads the student as a teacher (strictly);
+    # the VQGAN is referenced by folder, and load_student decodes through it.
+    from dimo_lightning.export import export_student, load_student
+
+    out = export_student(tmp_path / "runs/imagenet256_dimo/version_0/checkpoints/last.ckpt", tmp_path / "student")
+    as_teacher = load_teacher(out / "model.safetensors", released["vqgan"])
+    ema = ckpt["callbacks"][next(k for k in ckpt["callbacks"] if k.startswith("StudentEMA"))]["weights"]
+    for key, value in ema.items():
+        assert torch.equal(as_teacher.network.state_dict()[key], value), key
+    sampler = load_student(out)
+    assert sampler(torch.tensor([0, 9]), seed=0).shape == (2, 3, RES, RES)

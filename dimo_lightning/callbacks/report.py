@@ -34,8 +34,9 @@ class EvaluationReport(Callback):
     Args:
         num_samples: samples per row (conditions from the DataModule, else balanced labels; seeded).
         teacher_steps: step counts of the teacher rows.
-        teacher_cfg_scale: the teacher's CFG at sampling (None: the module's ``teacher_cfg_scale``).
-        teacher_choice_temperature: Gumbel temperature of the teacher's MaskGIT decoder.
+        teacher_cfg_scale: override of the teacher's CFG at sampling (None: the module's ``teacher_sampling``).
+        teacher_choice_temperature: override of the Gumbel temperature of the teacher's MaskGIT decoder (None: the
+            module's ``teacher_sampling.choice_temperature``, the value ``dimo predict`` uses too).
         reference: a ``dimo stats`` file, or real images (``mnist-val``, ``mnist-all``, an ``.npz``, a folder).
         extractor: torch-fidelity feature extractor (``mnist-cnn``, ``inception-local``).
         weights_path: local weights file of the extractor (Inception).
@@ -50,7 +51,7 @@ class EvaluationReport(Callback):
         num_samples: int = 1000,
         teacher_steps: Sequence[int] = (1, 2, 4, 8, 16),
         teacher_cfg_scale: float | None = None,
-        teacher_choice_temperature: float = 4.5,
+        teacher_choice_temperature: float | None = None,
         reference: str = "mnist-val",
         extractor: str = "mnist-cnn",
         weights_path: str | None = None,
@@ -91,7 +92,13 @@ class EvaluationReport(Callback):
         """Every rank: sample its share of each row, gather features, score; rank zero writes the report."""
         directory = run_directory(trainer)  # a collective (log_dir broadcasts): every rank, before any branch
         teacher = pl_module.teacher
-        cfg = self.teacher_cfg_scale if self.teacher_cfg_scale is not None else pl_module.hparams.teacher_cfg_scale
+        # One home for the teacher's decoding settings: the module's teacher_sampling, unless overridden here.
+        settings = pl_module.teacher_sampling.sample_kwargs(pl_module.hparams.teacher_cfg_scale)
+        if self.teacher_cfg_scale is not None:
+            settings["cfg_scale"] = self.teacher_cfg_scale
+        if self.teacher_choice_temperature is not None:
+            settings["choice_temperature"] = self.teacher_choice_temperature
+        cfg, tau = settings["cfg_scale"], settings["choice_temperature"]
         rank_zero_info(f"Evaluating teacher ({self.teacher_steps} steps, CFG {cfg}) and student on "
                        f"{self.num_samples} samples against {self.reference_spec} ...")
         conditions = evaluation_conditions(trainer, pl_module, self.num_samples)
@@ -101,8 +108,7 @@ class EvaluationReport(Callback):
         def teacher_codes(batch, generator, steps):
             cond = teacher.encode_condition(batch)
             cond = cond.to(pl_module.device) if isinstance(cond, torch.Tensor) else cond
-            return teacher.sample(cond, steps=steps, cfg_scale=cfg, choice_temperature=self.teacher_choice_temperature,
-                                  generator=generator)
+            return teacher.sample(cond, generator=generator, **{**settings, "steps": steps})
 
         rows = []
         runs = [("teacher", s, lambda b, g, s=s: teacher_codes(b, g, s)) for s in self.teacher_steps]
@@ -120,6 +126,7 @@ class EvaluationReport(Callback):
                 "reference": self.reference_spec,
                 "extractor": self.extractor_name,
                 "teacher_cfg_scale": cfg,
+                "teacher_choice_temperature": tau,
                 "student": "ema" if student is not pl_module.student else "raw",
                 "world_size": trainer.world_size,
             }

@@ -143,6 +143,11 @@ class MaskTransformer(nn.Module):
         ).items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        # The constructor arguments: what an exported student's config.json needs to rebuild this network.
+        self.config = dict(
+            codebook_size=codebook_size, num_classes=num_classes, grid_size=grid_size, hidden_dim=hidden_dim,
+            depth=depth, heads=heads, mlp_dim=mlp_dim, dropout=dropout,
+        )
         self.codebook_size = codebook_size
         self.num_classes = num_classes
         self.grid_size = grid_size

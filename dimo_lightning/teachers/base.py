@@ -12,7 +12,12 @@ teacher with an unusual forward signature adapts it in one place. Adding a teach
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,6 +35,51 @@ class MaskedTeacher(nn.Module, ABC):
 
     network: nn.Module
     tokenizer: nn.Module
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Record every subclass's constructor arguments, so that a checkpoint can name the teacher it was trained
+        # against (class path + init args) and rebuild it, whether the teacher came from the CLI or from Python.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def recording_init(self, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            bound = inspect.signature(init).bind(self, *args, **kw)
+            bound.apply_defaults()
+            arguments = dict(list(bound.arguments.items())[1:])  # drop self
+            # The outermost constructor finishes last, so a subclass's own arguments win over its parent's.
+            object.__setattr__(self, "_init_record", {"class_path": _class_path(type(self)), "init_args": arguments})
+
+        cls.__init__ = recording_init
+
+    def init_record(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": {...}}``: how to rebuild this teacher (plain values only).
+
+        Raises:
+            ValueError: an argument is not a plain (JSON) value, so it cannot be recorded in a checkpoint.
+        """
+        record = getattr(self, "_init_record", None) or {"class_path": _class_path(type(self)), "init_args": {}}
+        try:
+            json.dumps(record["init_args"])
+        except TypeError as err:
+            raise ValueError(
+                f"{record['class_path']} was built with arguments that are not plain values ({err}); pass paths "
+                "and numbers so that checkpoints can record and rebuild the teacher"
+            ) from err
+        return {"class_path": record["class_path"], "init_args": dict(record["init_args"])}
+
+    @staticmethod
+    def from_record(record: Mapping[str, Any]) -> MaskedTeacher:
+        """Build the teacher described by :meth:`init_record` (``class_path`` + ``init_args``)."""
+        if not isinstance(record, Mapping) or "class_path" not in record:
+            raise ValueError(f"a teacher record needs 'class_path' and 'init_args', got {record!r}")
+        teacher_class = import_class(record["class_path"])
+        if not (isinstance(teacher_class, type) and issubclass(teacher_class, MaskedTeacher)):
+            raise ValueError(f"{record['class_path']} is not a MaskedTeacher subclass")
+        return teacher_class(**dict(record.get("init_args") or {}))
 
     # ---- vocabulary and grid -------------------------------------------------------------------------------
     @property
@@ -258,3 +308,16 @@ class ClassConditionalTeacher(MaskedTeacher):
         self.check_codes(codes, allow_mask=False)
         h, w = self.grid_shape
         return self.tokenizer.decode(codes.reshape(-1, h, w))
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def import_class(class_path: str) -> Any:
+    """The object named by a dotted ``module.Name`` path (a clear error if it does not exist)."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import {class_path!r}: {err}") from err

@@ -100,7 +100,16 @@ class MaskGITTeacher(ClassConditionalTeacher):
 
     @staticmethod
     def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-        """``model_state_dict`` of a MaskGIT .pth, with a DataParallel/DDP ``module.`` prefix stripped."""
+        """``model_state_dict`` of a MaskGIT .pth, with a DataParallel/DDP ``module.`` prefix stripped (or the
+        tensors of a ``.safetensors`` file with the same keys, such as a ``dimo export``-ed student)."""
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                return {k.removeprefix("module."): v for k, v in load_file(str(path)).items()}
+            except (SafetensorError, OSError) as err:
+                raise ValueError(f"cannot read {path}: {err}") from err
         checkpoint = load_torch_file(path)
         if not isinstance(checkpoint, Mapping):
             raise ValueError(f"{path} is not a MaskGIT checkpoint (expected a dict, got {type(checkpoint).__name__})")

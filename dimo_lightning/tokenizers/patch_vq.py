@@ -64,6 +64,14 @@ class PatchVQTokenizer(nn.Module):
         side = int(round(codebook.shape[1] ** 0.5)) if codebook.ndim == 2 else 0
         return cls(codebook, patch_size=max(side, 1))
 
+    def export_record(self) -> dict:
+        """How ``dimo export`` rebuilds this tokenizer: the codebook is small, so it travels with the student."""
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": {"patch_size": self.patch_size},
+            "tensors": {"codebook": self.codebook.detach().cpu().contiguous()},
+        }
+
     def save(self, path: str | Path) -> None:
         save_file({"codebook": self.codebook.cpu().contiguous()}, str(path))
 

@@ -460,4 +460,13 @@ class VQGANTokenizer(nn.Module):
         load_state_dict_checked(model, state, str(ckpt_path), hint=f"Is {config_path} the config of this checkpoint?")
         if not keep_encoder:
             model.drop_encoder()
+        model.source_folder = str(Path(path).resolve())
         return model.eval().requires_grad_(False)
+
+    def export_record(self) -> dict | None:
+        """How ``dimo export`` rebuilds this tokenizer: by reference to its folder (about 1 GB; never copied)."""
+        folder = getattr(self, "source_folder", None)
+        if folder is None:
+            return None  # built in memory, not from a folder: nothing to point an export at
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "factory": "from_folder",
+                "init_args": {"path": folder}}

@@ -1,0 +1,413 @@
+"""Export a distilled student out of a Lightning checkpoint, and sample it without Lightning.
+
+``dimo export --ckpt_path CKPT --output DIR [--ema true|false]`` writes
+
+* ``DIR/model.safetensors``: the student's weights (its EMA by default when the checkpoint has one). For a
+  MaskGIT-layout network (:class:`~dimo_lightning.nn.transformer.MaskTransformer`) the keys are MaskGIT v1.0's, so
+  the file loads wherever a MaskGIT transformer checkpoint does (``MaskGITTeacher(checkpoint=DIR/model.safetensors)``
+  included);
+* ``DIR/config.json``: how to rebuild the network, the tokenizer that decodes its codes (small tokenizers such as
+  the PatchVQ codebook are copied to ``DIR/tokenizer.safetensors``; large ones such as the VQGAN are referenced by
+  path), the teacher it was distilled from (class path and arguments, for the record: sampling never loads it) and
+  the sampling defaults (r_init, sigma, temperature, top-k/p).
+
+:func:`load_student` rebuilds a ready :class:`OneStepSampler` from such a folder. This module imports torch,
+safetensors and the network/tokenizer classes only: never Lightning (checked by a test through ``sys.modules``).
+``dimo sample --student DIR --labels 0,1,2 --num 8 --output OUT`` writes PNGs, ``grid.png`` and ``samples.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dimo_lightning.masking import hybrid_initial_sequence, parse_range
+from dimo_lightning.sampling import sample_tokens
+from dimo_lightning.teachers.base import import_class
+
+EXPORT_FORMAT = "dimo-student"
+EXPORT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.safetensors"
+MASKGIT_NETWORK = "dimo_lightning.nn.transformer.MaskTransformer"
+
+
+# ---- records written into every DiMOModule checkpoint ------------------------------------------------------------
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def network_record(network: nn.Module) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` of a network that exposes its constructor arguments as ``config``."""
+    config = getattr(network, "config", None)
+    if not isinstance(config, Mapping):
+        return None
+    return {"class_path": _class_path(network), "init_args": dict(config)}
+
+
+def tokenizer_record(tokenizer: nn.Module) -> dict[str, Any] | None:
+    """The tokenizer's own ``export_record()`` (class path, factory, arguments, small tensors), if it has one."""
+    record = getattr(tokenizer, "export_record", None)
+    return record() if callable(record) else None
+
+
+def checkpoint_records(module: Any) -> dict[str, Any]:
+    """What an export needs beyond the weights, taken from a live DiMOModule (called when it saves a checkpoint).
+
+    Returns:
+        ``{"network", "tokenizer", "conditioning", "emb_noise_scale"}``; entries that this teacher cannot provide
+        are None, and exporting such a checkpoint fails with a message saying which.
+    """
+    from dimo_lightning.teachers.base import ClassConditionalTeacher
+
+    teacher = module.teacher
+    conditioning = None
+    if isinstance(teacher, ClassConditionalTeacher):
+        conditioning = {"type": "class_label", "num_classes": int(teacher.num_classes)}
+    return {
+        "network": network_record(module.student),
+        "tokenizer": tokenizer_record(teacher.tokenizer),
+        "conditioning": conditioning,
+        "emb_noise_scale": float(module.emb_noise_scale),
+    }
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict (weights-only, memory-mapped when possible); clear errors for bad files."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (--ckpt_path)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # truncated, foreign or pickled-object files all end here
+        raise ValueError(f"cannot read the checkpoint {path} (--ckpt_path): {str(err).splitlines()[0]}") from err
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} (--ckpt_path) is not a Lightning checkpoint (no 'state_dict')")
+    return dict(checkpoint)
+
+
+def _strip(key: str, prefix: str) -> str:
+    return key[len(prefix):].replace("_orig_mod.", "")  # torch.compile wraps modules as `_orig_mod`
+
+
+def student_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The student's state dict from a DiMOModule checkpoint -> (weights, "ema" or "student").
+
+    Args:
+        checkpoint: the loaded checkpoint.
+        ema: True: the StudentEMA average (an error if absent); False: the raw student; None: the EMA when present.
+    """
+    raw = {_strip(k, "student."): v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
+    if not raw:
+        raise ValueError("the checkpoint holds no 'student.*' weights: it was not written by DiMOModule")
+    averages = [
+        state["weights"] for name, state in (checkpoint.get("callbacks") or {}).items()
+        if str(name).startswith("StudentEMA") and isinstance(state, Mapping) and state.get("weights") is not None
+    ]
+    if len(averages) > 1 and ema is not False:
+        raise ValueError(f"the checkpoint holds {len(averages)} StudentEMA averages; keep one StudentEMA callback")
+    if ema is True and not averages:
+        raise ValueError("--ema true, but the checkpoint has no StudentEMA weights (train with the StudentEMA "
+                         "callback, or export the raw student with --ema false)")
+    if averages and ema is not False:
+        weights = {k.replace("_orig_mod.", ""): v for k, v in averages[0].items()}
+        if set(weights) != set(raw):
+            raise ValueError("the StudentEMA weights do not have the student's keys; the checkpoint is inconsistent")
+        return weights, "ema"
+    return raw, "student"
+
+
+def sampling_defaults(hparams: Mapping[str, Any], emb_noise_scale: float) -> dict[str, Any]:
+    """The one-step sampling settings DiMOModule.generate uses at evaluation, from its hyperparameters."""
+    low, high = parse_range(hparams.get("r_init", 0.6), "r_init")
+    r_init = hparams.get("sample_r_init")
+    sigma = hparams.get("sample_emb_noise_sigma")
+    return {
+        "r_init": float(r_init) if r_init is not None else (low + high) / 2,
+        "emb_noise_sigma": float(sigma) if sigma is not None else float(hparams.get("emb_noise_sigma", 0.1)),
+        "emb_noise_scale": float(emb_noise_scale),
+        "temperature": float(hparams.get("sample_temperature", 1.0)),
+        "top_k": int(hparams.get("student_top_k", 0)),
+        "top_p": float(hparams.get("student_top_p", 0.0)),
+    }
+
+
+def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.safetensors``) of a checkpoint's student.
+
+    Args:
+        ckpt_path: a DiMOModule Lightning checkpoint (``last.ckpt``). FSDP sharded checkpoints must first be
+            consolidated (``python -m lightning.pytorch.utilities.consolidate_checkpoint DIR``).
+        output: the folder to write (created; existing export files are overwritten).
+        ema: see :func:`student_weights`.
+
+    Returns:
+        The output folder.
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    records = (checkpoint.get("dimo") or {}).get("export")
+    if not isinstance(records, Mapping):
+        raise ValueError(f"{ckpt_path} (--ckpt_path) has no export record: it was written by an older dimo-lightning"
+                         " (re-save it by resuming for one step) or not by DiMOModule")
+    for name, why in (("network", "its network has no `config` with its constructor arguments"),
+                      ("tokenizer", "its tokenizer has no `export_record()`"),
+                      ("conditioning", "only class-conditional students can be exported")):
+        if records.get(name) is None:
+            raise ValueError(f"cannot export {ckpt_path}: {why}")
+    weights, source = student_weights(checkpoint, ema)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(out / WEIGHTS_FILE),
+              metadata={"format": "pt", "source": source})
+
+    tokenizer = dict(records["tokenizer"])
+    tensors = tokenizer.pop("tensors", None)
+    if tensors:  # small tokenizers travel with the student
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / TOKENIZER_FILE))
+        tokenizer["file"] = TOKENIZER_FILE
+    teacher = hparams.get("teacher")
+    config = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "weights": WEIGHTS_FILE,
+        "weights_source": source,
+        "key_layout": "maskgit-v1.0" if records["network"]["class_path"] == MASKGIT_NETWORK else "native",
+        "network": records["network"],
+        "conditioning": records["conditioning"],
+        "tokenizer": tokenizer,
+        "sampling": sampling_defaults(hparams, records["emb_noise_scale"]),
+        "teacher": teacher if isinstance(teacher, Mapping) else None,
+        "generator_step": int((checkpoint.get("dimo") or {}).get("generator_step", 0)),
+        "checkpoint": str(Path(ckpt_path).resolve()),
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+# ---- loading and sampling without Lightning ----------------------------------------------------------------------
+def build_tokenizer(record: Mapping[str, Any], directory: Path) -> nn.Module:
+    """Rebuild a tokenizer from its config.json entry (copied tensors are read from ``directory``)."""
+    tokenizer_class = import_class(record["class_path"])
+    kwargs = dict(record.get("init_args") or {})
+    if record.get("file"):
+        path = directory / record["file"]
+        try:
+            kwargs.update(load_file(str(path)))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read the tokenizer file {path}: {err}") from err
+    factory = getattr(tokenizer_class, record["factory"]) if record.get("factory") else tokenizer_class
+    return factory(**kwargs)
+
+
+class OneStepSampler(nn.Module):
+    """An exported Di[M]O student: one forward pass from a hybrid masked/random sequence to image codes.
+
+    Mirrors ``DiMOModule.generate`` draw for draw: the same generator gives the same codes.
+
+    Args:
+        network: the student network (MaskGIT layout: ``network(codes, labels, drop, sigma, scale, generator)``).
+        tokenizer: decodes codes (B, h, w) to images (B, C, H, W) in [0, 1].
+        num_classes: number of class labels.
+        sampling: defaults ``r_init``, ``emb_noise_sigma``, ``emb_noise_scale``, ``temperature``, ``top_k``,
+            ``top_p``.
+    """
+
+    def __init__(self, network: nn.Module, tokenizer: nn.Module, num_classes: int, sampling: Mapping[str, Any]):
+        super().__init__()
+        self.network = network.eval().requires_grad_(False)
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+        self.num_classes = num_classes
+        self.sampling = dict(sampling)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def check_labels(self, labels: torch.Tensor, flag: str = "labels") -> torch.Tensor:
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"{flag} must lie in [0, {self.num_classes - 1}] (the student's classes); got "
+                             f"{sorted(set(labels.tolist()) - set(range(self.num_classes)))[:5]}")
+        return labels.to(self.device)
+
+    @torch.no_grad()
+    def logits(self, labels: torch.Tensor, generator: torch.Generator | None = None, **overrides: Any) -> torch.Tensor:
+        """Student logits (B, N, V) for class labels (B,), on a fresh hybrid initial sequence."""
+        settings = {**self.sampling, **{k: v for k, v in overrides.items() if v is not None}}
+        labels = self.check_labels(labels)
+        net = self.network
+        x_init = hybrid_initial_sequence(labels.shape[0], net.seq_len, net.codebook_size, settings["r_init"],
+                                         net.mask_id, generator, self.device)
+        return net(x_init, labels, None, settings["emb_noise_sigma"], settings["emb_noise_scale"], generator)
+
+    @torch.no_grad()
+    def sample_codes(
+        self, labels: torch.Tensor, generator: torch.Generator | None = None, temperature: float | None = None,
+        r_init: float | None = None, emb_noise_sigma: float | None = None,
+    ) -> torch.Tensor:
+        """Codes (B, N) in [0, K) for class labels (B,) (defaults: the exported sampling settings)."""
+        logits = self.logits(labels, generator, r_init=r_init, emb_noise_sigma=emb_noise_sigma)
+        exclude = tuple(range(self.network.codebook_size, logits.shape[-1]))  # never the mask slot
+        return sample_tokens(logits, temperature or self.sampling["temperature"], self.sampling["top_k"],
+                             self.sampling["top_p"], exclude, generator)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, N) -> images (B, C, H, W) in [0, 1]."""
+        side = self.network.grid_size
+        return self.tokenizer.decode(codes.reshape(-1, side, side)).float()
+
+    @torch.no_grad()
+    def forward(self, labels: torch.Tensor, seed: int = 0, **kwargs: Any) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] for class labels (B,), seeded."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return self.decode(self.sample_codes(labels, generator, **kwargs))
+
+
+def read_export_config(directory: str | Path) -> dict[str, Any]:
+    """``config.json`` of an export folder, checked."""
+    folder = Path(directory)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"not an exported student: {config_path} is missing (write it with `dimo export`)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{config_path} is not a dimo student config (format {EXPORT_FORMAT!r})")
+    if config.get("version", 0) > EXPORT_VERSION:
+        raise ValueError(f"{config_path} has format version {config['version']}; this dimo-lightning reads "
+                         f"<= {EXPORT_VERSION}")
+    return config
+
+
+def load_student(directory: str | Path, device: str | torch.device = "cpu") -> OneStepSampler:
+    """A ready :class:`OneStepSampler` from a ``dimo export`` folder (no Lightning import)."""
+    from dimo_lightning.checkpoints import load_state_dict_checked
+
+    folder = Path(directory)
+    config = read_export_config(folder)
+    network_class = import_class(config["network"]["class_path"])
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        network = network_class(**config["network"]["init_args"])
+    weights_path = folder / config["weights"]
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read the student weights {weights_path}: {err}") from err
+    load_state_dict_checked(network, state, str(weights_path), hint=f"Is {folder / CONFIG_FILE} its config?")
+    tokenizer = build_tokenizer(config["tokenizer"], folder)
+    if getattr(tokenizer, "codebook_size", getattr(tokenizer, "n_embed", None)) not in (None, network.codebook_size):
+        raise ValueError(f"the tokenizer of {folder} has a codebook of a different size than the student's "
+                         f"({network.codebook_size} codes)")
+    sampler = OneStepSampler(network, tokenizer, int(config["conditioning"]["num_classes"]), config["sampling"])
+    return sampler.to(device)
+
+
+# ---- `dimo export` and `dimo sample` ------------------------------------------------------------------------------
+def export_command(ckpt_path: str, output: str, ema: bool | None = None) -> None:
+    """Export the student of a DiMOModule checkpoint for Lightning-free sampling.
+
+    Args:
+        ckpt_path: the Lightning checkpoint (e.g. runs/mnist_dimo/version_0/checkpoints/last.ckpt).
+        output: folder for model.safetensors, config.json (and tokenizer.safetensors).
+        ema: true: the StudentEMA average; false: the raw student; unset: the EMA when the checkpoint has one.
+    """
+    out = export_student(ckpt_path, output, ema)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    print(f"exported the {config['weights_source']} student (generator step {config['generator_step']}) to {out}")
+
+
+def parse_labels(text: str | Sequence[int] | int, flag: str = "--labels") -> list[int]:
+    """``"0,1,2"`` (or a list) -> [0, 1, 2]; a clear error naming ``flag`` otherwise."""
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, str):
+        try:
+            labels = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError as err:
+            raise ValueError(f"{flag} must be comma-separated integers like 0,1,2; got {text!r}") from err
+    else:
+        labels = [int(x) for x in text]
+    if not labels:
+        raise ValueError(f"{flag} is empty")
+    return labels
+
+
+def sample_command(
+    student: str,
+    labels: str = "0",
+    num: int = 8,
+    output: str = "samples",
+    seed: int = 0,
+    batch_size: int = 64,
+    temperature: float | None = None,
+    device: str = "cpu",
+) -> None:
+    """Sample an exported student: ``num`` images per label as PNGs, ``grid.png`` (a row per label) and
+    ``samples.npz`` (``images`` float32 (M, H, W) for grey or (M, C, H, W); ``labels`` int64 (M,)).
+
+    Args:
+        student: the folder written by ``dimo export``.
+        labels: comma-separated class labels, e.g. 0,1,2.
+        num: samples per label.
+        output: folder to write into.
+        seed: seed of the first batch (batch i uses seed + i).
+        batch_size: samples per forward pass.
+        temperature: sampling temperature (unset: the exported default).
+        device: torch device.
+    """
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"--num and --batch_size must be >= 1, got {num} and {batch_size}")
+    sampler = load_student(student, device)
+    requested = parse_labels(labels)
+    sampler.check_labels(torch.tensor(requested), flag="--labels")
+    all_labels = torch.tensor(requested).repeat_interleave(num)  # (M,) label-major: a grid row per label
+    out = Path(output)
+    png_dir = out / "png"
+    png_dir.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for i, batch in enumerate(all_labels.split(batch_size)):
+        images = sampler(batch, seed=seed + i, temperature=temperature).cpu()  # (b, C, H, W)
+        for j, (image, label) in enumerate(zip(images, batch.tolist())):
+            save_png(image, png_dir / f"{i * batch_size + j:06d}_{label}.png")
+        chunks.append(images)
+    images = torch.cat(chunks)
+    save_png(image_grid(images, ncol=num), out / "grid.png")
+    array = images[:, 0] if images.shape[1] == 1 else images
+    np.savez_compressed(out / "samples.npz", images=array.numpy().astype(np.float32), labels=all_labels.numpy())
+    print(f"wrote {len(images)} samples to {out / 'samples.npz'}, PNGs in {png_dir}, grid {out / 'grid.png'}")
+
+
+def image_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> torch.Tensor:
+    """(M, C, H, W) -> one (C, H', W') image with ``ncol`` columns and grey padding."""
+    m, c, h, w = images.shape
+    nrow = math.ceil(m / ncol)
+    grid = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), 0.5)
+    for k in range(m):
+        r, col = divmod(k, ncol)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[k]
+    return grid
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """(C, H, W) in [0, 1] -> an 8-bit PNG (grey for one channel)."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)

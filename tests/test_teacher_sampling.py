@@ -1,0 +1,70 @@
+"""One set of teacher decoding settings: `dimo predict` (predict_with=teacher) and EvaluationReport read the
+module's `teacher_sampling`; the report's own arguments only override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import dimo_lightning.callbacks.report as report_module
+from dimo_lightning.callbacks.report import EvaluationReport
+from dimo_lightning.cli import DiMOCLI
+from dimo_lightning.module import DiMOModule
+from dimo_lightning.teacher_sampling import TeacherSampling
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _report_settings(module, report, tmp_path, monkeypatch) -> dict:
+    seen = {}
+    monkeypatch.setattr(report_module, "load_reference", lambda spec: (None, None))
+    monkeypatch.setattr(report_module, "evaluate", lambda *a, **kw: seen.update(kw) or [])
+    monkeypatch.setattr(report_module, "write_report", lambda rows, directory, meta: (tmp_path / "j", tmp_path / "m"))
+    monkeypatch.setattr(report_module, "format_table", lambda rows: "")
+    trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True,
+                              strategy=SimpleNamespace(barrier=lambda name: None))
+    report.run(trainer, module)
+    return seen
+
+
+def test_predict_and_report_decode_the_teacher_alike(tiny_teacher, tmp_path, monkeypatch):
+    module = DiMOModule(tiny_teacher, teacher_cfg_scale=3.0, predict_with="teacher",
+                        teacher_sampling={"steps": 5, "choice_temperature": 16.0, "schedule": "cosine"})
+    calls = []
+    original = tiny_teacher.sample
+    monkeypatch.setattr(tiny_teacher, "sample", lambda cond, **kw: calls.append(kw) or original(cond, **kw))
+    out = module.predict_step(torch.tensor([0, 1]), 0)
+    assert out["images"].shape == (2, 1, 28, 28)
+    assert calls[0]["steps"] == 5 and calls[0]["choice_temperature"] == 16.0 and calls[0]["schedule"] == "cosine"
+    assert calls[0]["cfg_scale"] == 3.0  # cfg_scale None: the distillation's teacher_cfg_scale
+
+    seen = _report_settings(module, EvaluationReport(num_samples=10, accuracy_network=None), tmp_path, monkeypatch)
+    assert seen["teacher_choice_temperature"] == 16.0 and seen["teacher_cfg_scale"] == 3.0
+    seen = _report_settings(module, EvaluationReport(num_samples=10, accuracy_network=None,
+                                                     teacher_choice_temperature=2.0, teacher_cfg_scale=1.5),
+                            tmp_path, monkeypatch)
+    assert seen["teacher_choice_temperature"] == 2.0 and seen["teacher_cfg_scale"] == 1.5  # explicit overrides
+
+
+def test_mnist_config_sets_choice_temperature_16_in_one_place():
+    class ParseOnly(DiMOCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    config = ParseOnly(args=["--config", str(ROOT / "configs/mnist/dimo.yaml")], run=False).config
+    assert config.model.init_args.teacher_sampling.choice_temperature == 16.0
+    reports = [c for c in config.trainer.callbacks if c.class_path.endswith("EvaluationReport")]
+    assert reports and reports[0].init_args.teacher_choice_temperature is None
+    assert reports[0].init_args.teacher_cfg_scale is None
+
+
+def test_teacher_sampling_rejects_bad_values():
+    with pytest.raises(ValueError, match="teacher_sampling.schedule"):
+        TeacherSampling(schedule="fast")
+    with pytest.raises(ValueError, match="teacher_sampling.steps"):
+        TeacherSampling(steps=0)
+    with pytest.raises(ValueError, match="unknown teacher_sampling keys: stepz"):
+        TeacherSampling.coerce({"stepz": 3})
