@@ -112,7 +112,11 @@ def student_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> t
     raw = {_strip(k, "student."): v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
     if not raw:
         raise ValueError("the checkpoint holds no 'student.*' weights: it was not written by DiMOModule")
-    averages = [
+    # StudentEMA keeps its average as the module's `student_ema` submodule (so it is sharded and checkpointed with
+    # the model); checkpoints of older versions kept it in the callback state.
+    in_model = {_strip(k, "student_ema."): v for k, v in checkpoint["state_dict"].items()
+                if k.startswith("student_ema.")}
+    averages = [in_model] if in_model else [
         state["weights"] for name, state in (checkpoint.get("callbacks") or {}).items()
         if str(name).startswith("StudentEMA") and isinstance(state, Mapping) and state.get("weights") is not None
     ]
