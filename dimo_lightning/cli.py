@@ -104,8 +104,20 @@ def _filter_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+# `dimo` subcommands outside LightningCLI: a plain ``main(argv) -> exit code`` in their own module.
+EXTRA_COMMANDS = {"sweep": "dimo_lightning.sweep"}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``dimo`` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        import importlib
+
+        code = importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+        if code:
+            raise SystemExit(code)
+        return
     _filter_warnings()
     DiMOCLI(args=args)
 
