@@ -30,6 +30,8 @@ A sweep spec is a YAML file with one ``sweep`` section; relative config paths ar
       average_over: [seed_everything]           # grid keys the summary plots average (error bars: min..max)
       workers: 2
       env: {OMP_NUM_THREADS: "1"}               # environment of the trial processes
+      command: [python, -m, dimo_lightning, fit]   # the trial launcher (default); e.g. [torchrun, --nproc-per-node, 8,
+                                                   # -m, dimo_lightning, fit]; `python` is this worker's interpreter
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import yaml
 METRICS = ("fid", "recall", "precision", "accuracy", "kid")
 PLOTTED_METRICS = ("fid", "recall", "precision", "accuracy")
 DEFAULT_OUT = "runs/sweeps"
+DEFAULT_COMMAND = ("python", "-m", "dimo_lightning", "fit")
 
 
 class TrialFailed(Exception):
@@ -110,7 +113,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: a sweep spec needs a top-level 'sweep:' section")
     spec = dict(document["sweep"])
     unknown = set(spec) - {"study", "configs", "args", "grid", "average_over", "workers", "env", "out", "storage",
-                           "max_retries"}
+                           "max_retries", "command"}
     if unknown:
         raise ValueError(f"{path}: unknown sweep key(s) {', '.join(sorted(unknown))}")
     spec["configs"] = [str((path.parent / c).resolve()) for c in spec.get("configs", [])]
@@ -119,7 +122,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
 
 def build_definition(
     configs: Sequence[str], args: Sequence[str], grid: dict[str, list[Any]], average_over: Sequence[str] = (),
-    env: dict[str, str] | None = None, out: str = DEFAULT_OUT,
+    env: dict[str, str] | None = None, out: str = DEFAULT_OUT, command: Sequence[str] = DEFAULT_COMMAND,
 ) -> dict[str, Any]:
     """The JSON-able definition stored in the study (workers on other machines read it from there)."""
     if not configs:
@@ -144,6 +147,7 @@ def build_definition(
         "average_over": list(average_over),
         "env": {str(k): str(v) for k, v in (env or {}).items()},
         "out": str(Path(out).resolve()),
+        "command": [str(c) for c in command],
     }
 
 
@@ -287,7 +291,7 @@ def _die_with_parent() -> None:
 def trial_command(definition: dict[str, Any], params: dict[str, Any], run_root: Path, study_name: str,
                   version: str) -> list[str]:
     """The ``dimo fit`` command line of one trial; its log directory is ``run_root/study_name/version``."""
-    command = [sys.executable, "-m", "dimo_lightning", "fit"]
+    command = [sys.executable if part == "python" else part for part in definition["command"]]
     for config in definition["configs"]:
         command += ["--config", config]
     command += definition["args"]
@@ -368,7 +372,7 @@ def work(storage, study_name: str, max_retries: int = 2, max_trials: int | None 
 
     study, definition = load_study(storage, study_name)
     objective = make_objective(study_name, definition)
-    poll_s = poll_s if poll_s is not None else max(1.0, storage.get_heartbeat_interval() / 2)
+    poll_s = poll_s if poll_s is not None else min(5.0, max(0.5, storage.get_heartbeat_interval() / 2))
     ran = 0
     waiting_logged = False
     while max_trials is None or ran < max_trials:
@@ -536,7 +540,7 @@ def summarize(storage, study_name: str, plot_dir: str | Path | None = None, log=
 # ---- command line ---------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dimo sweep", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="action", required=True)
 
     def storage_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--storage", help="SQLAlchemy URL of the study storage (default: sqlite:///OUT/sweeps.db)")
@@ -556,6 +560,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=None, help="worker processes on this machine (default 1)")
     run.add_argument("--devices", default="", help="comma list of CUDA devices, one per worker (round robin)")
     run.add_argument("--out", default=None, help=f"root of the trial log directories (default {DEFAULT_OUT})")
+    run.add_argument("--command", default=None,
+                     help="trial launcher, default 'python -m dimo_lightning fit' (e.g. 'torchrun ... -m ...')")
     run.add_argument("--max-trials", type=int, default=None, help="stop after this many trials (single worker)")
     storage_args(run)
 
@@ -581,13 +587,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "summary":
+    if args.action == "summary":
         storage = make_storage(args.storage or default_storage(DEFAULT_OUT))
         summarize(storage, args.study, args.plots)
         return 0
     spec: dict[str, Any] = load_spec(args.spec) if getattr(args, "spec", None) else {}
     max_retries = args.max_retries if args.max_retries is not None else int(spec.get("max_retries", 2))
-    if args.command == "worker":
+    if args.action == "worker":
         if not args.study:
             raise ValueError("--study is required")
         storage = make_storage(args.storage or default_storage(DEFAULT_OUT), args.heartbeat_s, args.grace_s,
@@ -608,8 +614,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
         fixed.append(f"--{key.removeprefix('--')}={value}")
     out = args.out or spec.get("out") or DEFAULT_OUT
+    command = shlex.split(args.command) if args.command else spec.get("command", DEFAULT_COMMAND)
     definition = build_definition(spec.get("configs", []) + args.config, fixed, grid, spec.get("average_over", []),
-                                  spec.get("env"), out)
+                                  spec.get("env"), out, command)
     storage_url = args.storage or spec.get("storage") or default_storage(out)
     storage = make_storage(storage_url, args.heartbeat_s, args.grace_s, max_retries)
     study = create_or_load_study(storage, study_name, definition)
