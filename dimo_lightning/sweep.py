@@ -269,7 +269,13 @@ def requeue_failed(study, definition: dict[str, Any], max_retries: int) -> list[
             busy.add(key)
         elif trial.state == TrialState.FAIL and (key not in latest_fail or trial.number > latest_fail[key].number):
             latest_fail[key] = trial
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
     requeued = []
     for key, trial in latest_fail.items():
         if key in busy or len(trial.system_attrs.get("retry_history", [])) >= max_retries:

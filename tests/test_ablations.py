@@ -171,8 +171,8 @@ def test_binning_by_ratio():
     ratios = torch.tensor([0.0, 0.29, 0.3, 0.69, 0.7, 1.0, 0.5])
     sums, counts = bin_by_ratio(values, ratios, [0.0, 0.3, 0.7, 1.0])
     assert sums.tolist() == [3.0, 14.0, 11.0] and counts.tolist() == [2.0, 3.0, 2.0]
-    sums, counts = bin_by_ratio(values, ratios, [0.3, 0.7])  # ratios outside the edges are left out
-    assert sums.tolist() == [14.0] and counts.tolist() == [3.0]
+    sums, counts = bin_by_ratio(values, ratios, [0.3, 0.7])  # outside left out; the last band keeps its upper edge
+    assert sums.tolist() == [19.0] and counts.tolist() == [4.0]
     assert band_labels([0.0, 0.3, 0.7, 1.0]) == ["0-0.3", "0.3-0.7", "0.7-1"]
     with pytest.raises(ValueError, match="increasing"):
         bin_by_ratio(values, ratios, [0.5, 0.5])
