@@ -228,8 +228,8 @@ def test_consistency_monitor_logs_bands_without_touching_training(tiny_teacher, 
 
 
 def test_ablation_specs_parse_and_their_grids_are_valid_configs():
-    """Every spec in configs/mnist/ablations: its sweep section loads, and each grid value parses as `dimo fit`
-    arguments on top of its configs (no run)."""
+    """Every spec in configs/mnist/ablations: its sweep section loads, and each grid point's `dimo fit` arguments
+    parse (one CLI parser, reused for every point: building it is the slow part) and set the swept key."""
     from test_cli import ParseOnlyCLI
 
     from dimo_lightning import sweep
@@ -237,15 +237,16 @@ def test_ablation_specs_parse_and_their_grids_are_valid_configs():
     specs = sorted((ROOT / "configs/mnist/ablations").glob("*.yaml"))
     specs = [p for p in specs if "sweep" in (yaml.safe_load(p.read_text()) or {})]
     assert {p.stem for p in specs} >= {"r_init", "beta", "aux_mode", "mask_band"}
+    parser = ParseOnlyCLI(args=["--config", str(ROOT / "configs/mnist/ablations/base.yaml")], run=False).parser
     for path in specs:
         spec = sweep.load_spec(path)
         definition = sweep.build_definition(spec["configs"], spec.get("args", []), spec["grid"],
                                             spec.get("average_over", []), spec.get("env"), "/tmp/unused")
         for point in sweep.grid_points(definition):
             command = sweep.trial_command(definition, point, Path("/tmp/unused"), "s", "v")
-            cli = ParseOnlyCLI(args=command[command.index("--config"):], run=False)
+            config = parser.parse_args(command[command.index("--config"):])
             for key, value in point.items():
-                node = cli.config
+                node = config
                 for part in key.split("."):
                     node = node[part]
                 assert node == (yaml.safe_load(value) if isinstance(value, str) else value), (path.name, key)

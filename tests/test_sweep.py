@@ -234,3 +234,31 @@ def test_parallel_workers_share_one_study(tmp_path):
     assert sorted(t.params["model.init_args.r_init"] for t in complete) == [0.0, 1.0, 2.0, 3.0]
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     assert len({t.user_attrs["worker"] for t in complete}) == 2
+
+
+def test_plot_series_average_seeds_and_split_series(tmp_path):
+    """x = the first swept key; average_over keys are averaged (min..max bars); other keys make separate lines;
+    categorical values (aux modes, JSON bands) plot on an index axis."""
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    definition = sweep.build_definition(
+        [str(config)], [], {"m.band": [[0.0, 0.3], [0.7, 1.0]], "m.aux_mode": ["full", "none"], "seed": [0, 1]},
+        average_over=["seed"])
+    rows = []
+    for number, (band, mode, seed) in enumerate(
+            [(b, m, s) for b in definition["grid"]["m.band"] for m in ("full", "none") for s in (0, 1)]):
+        fid = 10.0 + (band == "[0.7, 1.0]") * 5 + (mode == "none") * 2 + seed
+        rows.append({"trial": number, "state": "COMPLETE", "m.band": band, "m.aux_mode": mode, "seed": seed,
+                     "fid": fid, "recall": 0.5, "precision": 0.5, "accuracy": 0.9, "kid": 0.1, "log_dir": ""})
+    rows.append({**rows[0], "trial": 99, "state": "FAIL", "fid": 1000.0})  # failed trials are not plotted
+    series = sweep.plot_series(rows, definition, "fid")
+    assert series == {
+        "aux_mode=full": [("[0.0, 0.3]", 10.5, 10.0, 11.0), ("[0.7, 1.0]", 15.5, 15.0, 16.0)],
+        "aux_mode=none": [("[0.0, 0.3]", 12.5, 12.0, 13.0), ("[0.7, 1.0]", 17.5, 17.0, 18.0)],
+    }
+    paths = sweep.write_plots(rows, definition, "bands", tmp_path / "plots")
+    assert [p.name for p in paths] == [f"bands_{m}.png" for m in sweep.PLOTTED_METRICS]
+    table = sweep.format_summary(rows, definition)
+    header = "| trial | band | aux_mode | seed | FID | recall | precision | accuracy | KID | state |"
+    assert table.splitlines()[0] == header
+    assert "| 99 | [0.0, 0.3] | full | 0 | 1000.000 |" in table
