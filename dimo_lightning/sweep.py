@@ -438,7 +438,7 @@ def short_name(key: str) -> str:
 
 
 def summary_rows(study, definition: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial: number, state, params, metrics (NaN where missing), log directory."""
+    """One row per trial (in grid order): number, state, params, metrics (NaN where missing), log directory."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
         row = {"trial": trial.number, "state": trial.state.name}
@@ -446,7 +446,12 @@ def summary_rows(study, definition: dict[str, Any]) -> list[dict[str, Any]]:
         row.update({m: trial.user_attrs.get(m, math.nan) for m in METRICS})
         row["log_dir"] = trial.user_attrs.get("log_dir", "")
         rows.append(row)
-    return rows
+    grid = definition["grid"]
+
+    def grid_order(row: dict[str, Any]) -> tuple[int, ...]:  # the spec's order of values, then trial number
+        return (*(grid[k].index(row[k]) if row[k] in grid[k] else len(grid[k]) for k in grid), row["trial"])
+
+    return sorted(rows, key=grid_order)
 
 
 def format_summary(rows: list[dict[str, Any]], definition: dict[str, Any]) -> str:
