@@ -290,6 +290,11 @@ def error_message(err: BaseException, cli_config: Any = None) -> str:
     return message
 
 
+# `dimo` commands with sub-commands of their own (``dimo sweep run|worker|summary``): a module whose
+# ``main(argv) -> exit code`` parses the rest of the command line.
+EXTRA_COMMANDS = {"sweep": "dimo_lightning.sweep"}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``dimo`` console script.
 
@@ -304,9 +309,13 @@ def main(args: list[str] | None = None) -> None:
     _PARSED.clear()
     try:
         if not argv:
-            commands = ", ".join(["fit", "validate", "test", "predict", *SUBCOMMANDS])
+            commands = ", ".join(["fit", "validate", "test", "predict", *SUBCOMMANDS, *EXTRA_COMMANDS])
             raise ArgumentError(None, f"expected a command: {commands} (`dimo --help` describes them)")
-        if argv[0] in SUBCOMMANDS:
+        if argv[0] in EXTRA_COMMANDS:
+            code = importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
+            if code:
+                raise SystemExit(code)
+        elif argv[0] in SUBCOMMANDS:
             run_subcommand(argv[0], argv[1:])
         else:
             DiMOCLI(args=argv)

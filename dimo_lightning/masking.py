@@ -52,16 +52,51 @@ def truncated_normal(
     return (mean + std * torch.special.ndtri(p)).clamp(low, high)
 
 
+def schedule_u_interval(schedule: str, low: float, high: float) -> tuple[float, float]:
+    """The interval of u in [0, 1] whose mask ratios rho(u) lie in [low, high] (every schedule but ``mage`` is
+    monotone in u, so drawing u uniformly in this interval draws the schedule's ratios conditioned on the band)."""
+    if schedule == "linear":
+        return low, high
+    if schedule == "square":
+        return math.sqrt(low), math.sqrt(high)
+    if schedule == "cosine":  # decreasing: rho = cos(pi u / 2)
+        return 2 / math.pi * math.acos(high), 2 / math.pi * math.acos(low)
+    if schedule == "arccos":  # decreasing: rho = arccos(u) / (pi / 2)
+        return math.cos(high * math.pi / 2), math.cos(low * math.pi / 2)
+    raise ValueError(f"no u interval for schedule {schedule!r}")
+
+
 def sample_mask_ratio(
     batch_size: int,
     schedule: str,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     clamp: tuple[float, float] | None = None,
+    band: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Draw u ~ U(0, 1) per sample and return rho(u), shape (B,), optionally clamped (the Meissonic recipe)."""
-    u = torch.rand(batch_size, generator=generator, device=device)
-    ratio = mask_ratio(u, schedule, generator=generator)
+    """Draw u ~ U(0, 1) per sample and return rho(u), shape (B,).
+
+    ``clamp`` clamps the ratios (the Meissonic recipe); it piles every draw outside the range onto its edges.
+    ``band`` instead draws from the schedule's distribution conditioned on [low, high]: u uniform in the u interval
+    that maps into the band (a truncated normal for ``mage``), so the ratios spread over the band as the schedule
+    spreads them.
+    """
+    if band is not None:
+        low, high = band
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"mask ratio band must be [low, high] within [0, 1], got {list(band)}")
+        if schedule == "mage":
+            if high < 0.5:
+                raise ValueError(f"the mage schedule draws ratios in [0.5, 1]; the band {list(band)} excludes them")
+            ratio = truncated_normal((batch_size,), 0.55, 0.25, max(low, 0.5), high, generator=generator,
+                                     device=device)
+        else:
+            u_low, u_high = schedule_u_interval(schedule, low, high)
+            u = u_low + (u_high - u_low) * torch.rand(batch_size, generator=generator, device=device)
+            ratio = mask_ratio(u, schedule).clamp(low, high)  # clamp: float rounding at the interval ends only
+    else:
+        u = torch.rand(batch_size, generator=generator, device=device)
+        ratio = mask_ratio(u, schedule, generator=generator)
     if clamp is not None:
         ratio = ratio.clamp(*clamp)
     return ratio

@@ -43,6 +43,7 @@ from dimo_lightning.teacher_sampling import TeacherSampling
 from dimo_lightning.teachers.base import MaskedTeacher
 
 AUX_SAMPLE_MODES = ("fresh", "reuse")
+AUX_MODES = ("full", "none")
 MaskSchedule = Literal["linear", "square", "cosine", "arccos", "mage"]
 
 
@@ -71,6 +72,8 @@ class DiMOModule(pl.LightningModule):
         gen_mask_schedule: mask-ratio schedule of the generator update.
         aux_mask_schedule: mask-ratio schedule of the aux update.
         mask_ratio_clamp: optional [low, high] clamp of the mask ratios (the Meissonic recipe uses [0.02, 0.98]).
+        gen_mask_ratio_band: optional [low, high]: the generator update draws its mask ratios from its schedule
+            conditioned on this band (a clamp would pile the draws on the band's edges); the consistency ablation.
         teacher_cfg_scale: guidance scale of the teacher's targets (1 disables CFG).
         adaptive_cfg: per-sample scale 1 + (w - 1) * mask ratio.
         teacher_eval: keep the teacher in eval mode (no dropout in the targets); False mimics the official code.
@@ -84,6 +87,9 @@ class DiMOModule(pl.LightningModule):
         aux_rounds: aux updates per student update (the student steps on every ``aux_rounds``-th iteration).
         aux_sample: ``fresh`` draws a new student sample for the aux update (official); ``reuse`` reuses the
             generator step's detached sample and saves one student forward.
+        aux_mode: ``full`` is Di[M]O; ``none`` is the ablation the paper argues against: the aux logits are replaced
+            by the student's own detached logits on the re-masked sample, and the aux model is neither run nor
+            trained (its weights and optimizer stay in checkpoints, unchanged).
         student_temperature: temperature of the student's token sampling (training).
         student_top_k: top-k of the student's sampling (0: off).
         student_top_p: top-p of the student's sampling (0: off).
@@ -125,6 +131,7 @@ class DiMOModule(pl.LightningModule):
         gen_mask_schedule: MaskSchedule = "arccos",
         aux_mask_schedule: MaskSchedule = "arccos",
         mask_ratio_clamp: list[float] | None = None,
+        gen_mask_ratio_band: list[float] | None = None,
         teacher_cfg_scale: float = 2.0,
         adaptive_cfg: bool = False,
         teacher_eval: bool = True,
@@ -135,6 +142,7 @@ class DiMOModule(pl.LightningModule):
         aux_soft_temperature: float = 1.0,
         aux_rounds: int = 1,
         aux_sample: Literal["fresh", "reuse"] = "fresh",
+        aux_mode: Literal["full", "none"] = "full",
         student_temperature: float = 1.0,
         student_top_k: int = 0,
         student_top_p: float = 0.0,
@@ -202,6 +210,11 @@ class DiMOModule(pl.LightningModule):
         for name in ("gen_mask_schedule", "aux_mask_schedule"):
             if hp[name] not in MASK_SCHEDULES:
                 raise ValueError(f"{name} must be one of {', '.join(MASK_SCHEDULES)}, got {hp[name]!r}")
+        if hp.aux_mode not in AUX_MODES:
+            raise ValueError(f"aux_mode must be one of {', '.join(AUX_MODES)}, got {hp.aux_mode!r}")
+        band = hp.gen_mask_ratio_band
+        if band is not None and (len(band) != 2 or not 0.0 <= band[0] <= band[1] <= 1.0):
+            raise ValueError(f"gen_mask_ratio_band must be [low, high] within [0, 1], got {band}")
         if hp.aux_sample not in AUX_SAMPLE_MODES:
             raise ValueError(f"aux_sample must be one of {', '.join(AUX_SAMPLE_MODES)}, got {hp.aux_sample!r}")
         for name in ("max_generator_steps", "aux_rounds", "accumulate_micro_batches"):
@@ -373,7 +386,8 @@ class DiMOModule(pl.LightningModule):
         if self.iteration % hp.aux_rounds == 0:
             reuse, gen_logs = self._generator_update(opt_g, sch_g, micro_conds, r_init, sigma, generator)
             logs.update(gen_logs)
-        logs.update(self._aux_update(opt_a, sch_a, micro_conds, reuse, r_init, sigma, generator))
+        if hp.aux_mode == "full":  # aux_mode none: no aux forward, no aux step
+            logs.update(self._aux_update(opt_a, sch_a, micro_conds, reuse, r_init, sigma, generator))
         logs["train/generator_step"] = float(self.generator_step)
         logs["train/skipped_steps"] = float(self.skipped_steps)
         logs["train/lr_gen"] = opt_g.param_groups[0]["lr"]
@@ -408,13 +422,14 @@ class DiMOModule(pl.LightningModule):
                     x = sample_tokens(z.detach(), hp.student_temperature, hp.student_top_k, hp.student_top_p,
                                       self._exclude_ids(), generator)  # (B, N)
                     ratio = sample_mask_ratio(x.shape[0], hp.gen_mask_schedule, generator, self.device,
-                                              hp.mask_ratio_clamp)
+                                              hp.mask_ratio_clamp, band=hp.gen_mask_ratio_band)
                     x_t, mask = mask_tokens(x, ratio, t.mask_id, generator)
                     # A Python float when the scale is fixed: the teacher decides "no CFG" without a device read.
                     adaptive = hp.adaptive_cfg and hp.teacher_cfg_scale != 1
                     scale = 1 + (hp.teacher_cfg_scale - 1) * ratio if adaptive else float(hp.teacher_cfg_scale)
                     teacher_logits = t.guided_logits(t.network, x_t, cond, scale)
-                    aux_logits = t.apply_network(self.aux, x_t, cond)
+                    # aux_mode none: the student's own (detached, no_grad) logits on the re-masked sample.
+                    aux_logits = t.apply_network(self.aux if hp.aux_mode == "full" else self.student, x_t, cond)
                     grad = distribution_matching_grad(
                         teacher_logits, aux_logits, hp.divergence_beta,
                         teacher_temperature=hp.teacher_temperature, aux_temperature=hp.aux_temperature,

@@ -1,0 +1,264 @@
+"""`dimo sweep`: grid studies of `dimo fit` runs on Optuna (real runs on a tiny teacher, and a fast fake trial
+command for the process-level checks: a killed worker's trial is re-queued, several workers share one study)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("optuna")
+
+from dimo_lightning import sweep  # noqa: E402
+from dimo_lightning.cli import main as dimo_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_fit_config(tmp_path: Path) -> Path:
+    """A 2-step Di[M]O run of a tiny random teacher that ends with a 20-sample EvaluationReport (student row only)."""
+    from helpers import save_tiny_mnist_teacher
+
+    weights, codebook = save_tiny_mnist_teacher(tmp_path / "teacher")
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": -1, "enable_progress_bar": False,
+            "enable_model_summary": False, "enable_checkpointing": False, "num_sanity_val_steps": 0,
+            "callbacks": [{"class_path": "dimo_lightning.callbacks.report.EvaluationReport",
+                           "init_args": {"num_samples": 20, "teacher_steps": [], "batch_size": 20}}],
+        },
+        "model": {"class_path": "dimo_lightning.module.DiMOModule", "init_args": {
+            "teacher": {"class_path": "dimo_lightning.teachers.mnist.MNISTTeacher",
+                        "init_args": {"checkpoint": str(weights), "codebook": str(codebook)}},
+            "max_generator_steps": 2,
+        }},
+        "data": {"class_path": "dimo_lightning.data.labels.ClassLabelDataModule",
+                 "init_args": {"num_classes": 10, "batch_size": 4, "batches_per_epoch": 2}},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+FAKE_FIT = """
+import json, os, sys, time
+from pathlib import Path
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+logger = json.loads(args["trainer.logger"])["init_args"]
+x = float(args["model.init_args.r_init"])
+if x == float(os.environ.get("FAKE_SLOW_VALUE", "nan")):
+    Path(os.environ["FAKE_MARKER"]).write_text(str(os.getpid()))
+    time.sleep(120)
+time.sleep(float(os.environ.get("FAKE_SECONDS", "0")))
+out = Path(logger["save_dir"]) / logger["name"] / logger["version"]
+row = {"model": "student", "steps": 1, "fid": 10 + x, "kid": 0.01, "precision": 0.5, "recall": x / 2,
+       "accuracy": 0.9, "images_per_s": 1.0}
+(out / "eval.json").write_text(json.dumps({"rows": [row], "generator_step": 2}))
+"""
+
+
+def fake_spec(tmp_path: Path, values: list, **extra) -> Path:
+    """A spec whose trials run FAKE_FIT (writes eval.json with FID 10 + r_init) as their launcher."""
+    (tmp_path / "fake_fit.py").write_text(FAKE_FIT)
+    (tmp_path / "base.yaml").write_text("{}\n")
+    spec = {"sweep": {"study": "fake", "configs": ["base.yaml"], "grid": {"model.init_args.r_init": values},
+                      "out": str(tmp_path / "runs"), "command": ["python", str(tmp_path / "fake_fit.py")], **extra}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment with the worktree first on PYTHONPATH (prepended: CI's own path stays)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def test_grid_flag_parsing():
+    assert sweep.parse_grid_flag("model.init_args.r_init=0.0,0.5,1") == ("model.init_args.r_init", [0.0, 0.5, 1])
+    assert sweep.parse_grid_flag("--a.b=[0.0,0.3],[0.3,0.7]") == ("a.b", [[0.0, 0.3], [0.3, 0.7]])
+    assert sweep.parse_grid_flag("m.aux_mode=full,none") == ("m.aux_mode", ["full", "none"])
+    assert sweep.encode_choice([0.0, 0.3]) == "[0.0, 0.3]"
+    assert sweep.format_override("a.b", True) == "--a.b=true" and sweep.format_override("a", None) == "--a=null"
+    with pytest.raises(ValueError, match="KEY=V1"):
+        sweep.parse_grid_flag("model.init_args.r_init")
+
+
+def test_bad_definitions_name_the_problem(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    with pytest.raises(ValueError, match="repeated values"):
+        sweep.build_definition([str(config)], [], {"a": [1, 1]})
+    with pytest.raises(ValueError, match="average_over"):
+        sweep.build_definition([str(config)], [], {"a": [1, 2]}, average_over=["seed"])
+    assert dimo_main_code(["sweep", "run", "--config", str(tmp_path / "missing.yaml"), "--grid", "a=1,2",
+                           "--study", "s", "--out", str(tmp_path)]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("sweep: {study: s, configs: [c.yaml], grid: {a: [1]}, typo: 1}\n")
+    assert dimo_main_code(["sweep", "run", str(spec)]) == 2
+    assert "typo" in capsys.readouterr().err
+
+
+def dimo_main_code(argv: list[str]) -> int:
+    try:
+        dimo_main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code)
+    return 0
+
+
+def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
+    """A 2-value grid of 2-step `dimo fit` runs: both trials complete with the FID of their eval.json; running the
+    command again skips them; the summary prints every trial and writes one PNG per metric."""
+    import optuna
+
+    config = tiny_fit_config(tmp_path)
+    out = tmp_path / "runs"
+    argv = ["sweep", "run", "--config", str(config), "--grid", "model.init_args.r_init=0.2,0.8",
+            "--set", "trainer.log_every_n_steps=1", "--study", "tiny", "--out", str(out)]
+    assert dimo_main_code(argv) == 0
+    storage = sweep.make_storage(sweep.default_storage(out))
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    trials = study.get_trials()
+    assert sorted(t.params["model.init_args.r_init"] for t in trials) == [0.2, 0.8]
+    for trial in trials:
+        assert trial.state.name == "COMPLETE"
+        run_dir = Path(trial.user_attrs["log_dir"])
+        assert run_dir == out / "tiny" / f"trial_{trial.number:04d}"
+        student = json.loads((run_dir / "eval.json").read_text())["rows"][-1]
+        assert trial.value == pytest.approx(student["fid"])
+        assert trial.user_attrs["recall"] == pytest.approx(student["recall"])
+        assert trial.user_attrs["generator_step"] == 2
+        hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+        assert hparams["r_init"] == trial.params["model.init_args.r_init"]  # the override reached the module
+    finished = {t.number: t.datetime_complete for t in trials}
+    capsys.readouterr()
+
+    assert dimo_main_code(argv) == 0  # resume: nothing left to run
+    again = optuna.load_study(study_name="tiny", storage=storage).get_trials()
+    assert {t.number: t.datetime_complete for t in again} == finished
+    printed = capsys.readouterr().out
+    assert "| trial | r_init | FID | recall | precision | accuracy | KID | state |" in printed
+    assert printed.count("| COMPLETE |") == 2
+    for metric in sweep.PLOTTED_METRICS:
+        png = out / "tiny" / f"tiny_{metric}.png"
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+    # A different grid under the same study name is refused rather than mixed in.
+    assert dimo_main_code([*argv[:4], "--grid", "model.init_args.r_init=0.1,0.9", *argv[6:]]) == 2
+    assert "different definition" in capsys.readouterr().err
+
+
+def test_killed_worker_trial_is_requeued_and_rerun(tmp_path):
+    """SIGKILL a worker in the middle of a trial: its run dies with it, the trial stays RUNNING, and a resumed
+    sweep fails it once its heartbeat is stale and re-runs the grid point, leaving the finished one alone."""
+    import optuna
+
+    spec = fake_spec(tmp_path, [0.0, 1.0])
+    marker = tmp_path / "slow.pid"
+    env = subprocess_env(FAKE_SLOW_VALUE="1.0", FAKE_MARKER=str(marker))
+    sweep_cmd = [sys.executable, "-m", "dimo_lightning.sweep", "run", str(spec), "--heartbeat-s", "1", "--grace-s", "2"]
+    worker = subprocess.Popen(sweep_cmd, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the slow trial never started"
+    run_pid = int(marker.read_text())
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    time.sleep(0.5)
+    stat = Path(f"/proc/{run_pid}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z", "the trial's run outlived its worker"
+
+    storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"), heartbeat_s=1, grace_s=2)
+    states = {t.params["model.init_args.r_init"]: t.state.name
+              for t in optuna.load_study(study_name="fake", storage=storage).get_trials()}
+    assert states[1.0] == "RUNNING"  # the dead worker could not mark it
+    finished_before_kill = states.get(0.0) == "COMPLETE"
+
+    env.pop("FAKE_SLOW_VALUE")
+    result = subprocess.run(sweep_cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    trials = optuna.load_study(study_name="fake", storage=storage).get_trials()
+    by_state: dict[str, list] = {}
+    for t in trials:
+        by_state.setdefault(t.state.name, []).append(t)
+    assert sorted(t.params["model.init_args.r_init"] for t in by_state["COMPLETE"]) == [0.0, 1.0]
+    assert [t.params["model.init_args.r_init"] for t in by_state["FAIL"]] == [1.0]
+    rerun = next(t for t in by_state["COMPLETE"] if t.params["model.init_args.r_init"] == 1.0)
+    assert rerun.system_attrs["retry_history"] == [by_state["FAIL"][0].number]
+    assert rerun.value == pytest.approx(11.0)
+    if finished_before_kill:  # the point finished before the kill was not run again
+        assert sum(t.params["model.init_args.r_init"] == 0.0 for t in trials) == 1
+    assert result.stdout.count("| COMPLETE |") == 2
+
+
+def test_failed_run_is_retried_then_given_up(tmp_path, capsys):
+    """A run that exits non-zero fails its trial; the point is re-run up to max_retries times, then reported."""
+    import optuna
+
+    spec = fake_spec(tmp_path, [0.5, 2.0])
+    (tmp_path / "fake_fit.py").write_text(
+        "import sys\nif '--model.init_args.r_init=2.0' in sys.argv:\n    sys.exit(3)\n" + FAKE_FIT)
+    assert sweep.main(["run", str(spec), "--max-retries", "1"]) == 0
+    storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
+    trials = optuna.load_study(study_name="fake", storage=storage).get_trials()
+    states = sorted((t.params["model.init_args.r_init"], t.state.name) for t in trials)
+    assert states == [(0.5, "COMPLETE"), (2.0, "FAIL"), (2.0, "FAIL")]
+    assert "given up" in capsys.readouterr().out
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    assert (Path(failed.user_attrs["log_dir"]) / "fit.log").is_file()
+
+
+def test_parallel_workers_share_one_study(tmp_path):
+    """--workers 2: two worker processes split a 4-point grid; every point completes exactly once."""
+    import optuna
+
+    spec = fake_spec(tmp_path, [0.0, 1.0, 2.0, 3.0])
+    result = subprocess.run([sys.executable, "-m", "dimo_lightning.sweep", "run", str(spec), "--workers", "2",
+                             "--heartbeat-s", "1"],
+                            env=subprocess_env(FAKE_SECONDS="1.5"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
+    trials = optuna.load_study(study_name="fake", storage=storage).get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["model.init_args.r_init"] for t in complete) == [0.0, 1.0, 2.0, 3.0]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert len({t.user_attrs["worker"] for t in complete}) == 2
+
+
+def test_plot_series_average_seeds_and_split_series(tmp_path):
+    """x = the first swept key; average_over keys are averaged (min..max bars); other keys make separate lines;
+    categorical values (aux modes, JSON bands) plot on an index axis."""
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    definition = sweep.build_definition(
+        [str(config)], [], {"m.band": [[0.0, 0.3], [0.7, 1.0]], "m.aux_mode": ["full", "none"], "seed": [0, 1]},
+        average_over=["seed"])
+    rows = []
+    for number, (band, mode, seed) in enumerate(
+            [(b, m, s) for b in definition["grid"]["m.band"] for m in ("full", "none") for s in (0, 1)]):
+        fid = 10.0 + (band == "[0.7, 1.0]") * 5 + (mode == "none") * 2 + seed
+        rows.append({"trial": number, "state": "COMPLETE", "m.band": band, "m.aux_mode": mode, "seed": seed,
+                     "fid": fid, "recall": 0.5, "precision": 0.5, "accuracy": 0.9, "kid": 0.1, "log_dir": ""})
+    rows.append({**rows[0], "trial": 99, "state": "FAIL", "fid": 1000.0})  # failed trials are not plotted
+    series = sweep.plot_series(rows, definition, "fid")
+    assert series == {
+        "aux_mode=full": [("[0.0, 0.3]", 10.5, 10.0, 11.0), ("[0.7, 1.0]", 15.5, 15.0, 16.0)],
+        "aux_mode=none": [("[0.0, 0.3]", 12.5, 12.0, 13.0), ("[0.7, 1.0]", 17.5, 17.0, 18.0)],
+    }
+    paths = sweep.write_plots(rows, definition, "bands", tmp_path / "plots")
+    assert [p.name for p in paths] == [f"bands_{m}.png" for m in sweep.PLOTTED_METRICS]
+    table = sweep.format_summary(rows, definition)
+    header = "| trial | band | aux_mode | seed | FID | recall | precision | accuracy | KID | state |"
+    assert table.splitlines()[0] == header
+    assert "| 99 | [0.0, 0.3] | full | 0 | 1000.000 |" in table
