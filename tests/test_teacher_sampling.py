@@ -19,15 +19,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _report_settings(module, report, tmp_path, monkeypatch) -> dict:
+    """The keyword arguments the report hands the teacher's sampler (the sampling itself is stubbed out)."""
     seen = {}
-    monkeypatch.setattr(report_module, "load_reference", lambda spec: (None, None))
-    monkeypatch.setattr(report_module, "evaluate", lambda *a, **kw: seen.update(kw) or [])
+    teacher = module.teacher
+    monkeypatch.setattr(teacher, "sample", lambda cond, **kw: seen.update(kw) or torch.zeros(len(cond), 49).long())
+
+    def one_batch(pl_module, sample_codes, conditions, *args, **kwargs):
+        sample_codes(conditions[:2], torch.Generator().manual_seed(0))
+
+    monkeypatch.setattr(report_module, "sharded_sample_features", one_batch)
+    monkeypatch.setattr(report_module, "evaluation_row", lambda *a, **kw: SimpleNamespace(fid=0.0))
     monkeypatch.setattr(report_module, "write_report", lambda rows, directory, meta: (tmp_path / "j", tmp_path / "m"))
     monkeypatch.setattr(report_module, "format_table", lambda rows: "")
     trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True,
-                              strategy=SimpleNamespace(barrier=lambda name: None))
+                              world_size=1, global_rank=0, datamodule=None,
+                              strategy=SimpleNamespace(barrier=lambda name=None: None,
+                                                       broadcast=lambda obj, src=0: obj))
+    report.teacher_steps = [3]
     report.run(trainer, module)
-    return seen
+    return {"teacher_choice_temperature": seen["choice_temperature"], "teacher_cfg_scale": seen["cfg_scale"],
+            "steps": seen["steps"]}
 
 
 def test_predict_and_report_decode_the_teacher_alike(tiny_teacher, tmp_path, monkeypatch):

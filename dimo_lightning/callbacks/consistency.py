@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from dimo_lightning.evaluation import balanced_labels
+from dimo_lightning.callbacks.common import evaluation_conditions, slice_conditions
 from dimo_lightning.masking import MASK_SCHEDULES, sample_mask_ratio
 from dimo_lightning.objectives.consistency import band_labels, consistency_kl_by_band
 
@@ -66,7 +66,8 @@ class ConsistencyMonitor(Callback):
         teacher = pl_module.teacher
         rank, world = trainer.global_rank, trainer.world_size
         per_rank = -(-self.num_samples // world)
-        labels = balanced_labels(per_rank * world, teacher.num_classes)[rank * per_rank : (rank + 1) * per_rank]
+        conditions = evaluation_conditions(trainer, pl_module, per_rank * world)  # labels or prompts
+        labels = slice_conditions(conditions, rank * per_rank, (rank + 1) * per_rank)
         step = pl_module.generator_step
         generator = torch.Generator(device=pl_module.device).manual_seed(
             (self.seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**62))
@@ -79,7 +80,7 @@ class ConsistencyMonitor(Callback):
         counts = torch.zeros(len(self.labels), device=pl_module.device)
         try:
             for start in range(0, len(labels), self.batch_size):
-                cond = teacher.encode_condition(labels[start : start + self.batch_size])
+                cond = teacher.encode_condition(slice_conditions(labels, start, start + self.batch_size))
                 cond = cond.to(pl_module.device) if isinstance(cond, torch.Tensor) else cond
                 init_logits = pl_module.student_logits(student, cond, r_init, sigma, generator)  # (B, N, V)
                 ratios = sample_mask_ratio(init_logits.shape[0], self.mask_schedule, generator, pl_module.device)

@@ -76,6 +76,7 @@ class EvaluationReport(Callback):
         self.run_on_fit_end = on_fit_end
         self.rows = None
         self.written: tuple | None = None
+        self.extractor = self.reference = self.accuracy_network = None  # built in setup, on the run's device
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
