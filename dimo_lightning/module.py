@@ -354,7 +354,8 @@ class DiMOModule(pl.LightningModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Validate conditions while the batch is still on the host: the same check on the device would stall the
         # training step on a device-to-host read.
-        self.teacher.check_condition(batch)
+        # Prediction batches carry their global indices: {"conditions": ..., "index": ...}.
+        self.teacher.check_condition(batch["conditions"] if isinstance(batch, dict) else batch)
         return batch
 
     @override

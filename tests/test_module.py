@@ -203,6 +203,8 @@ def test_train_dropout_sets_student_and_aux_modes(tiny_teacher, tmp_path, train_
 def test_labels_out_of_range_fail_before_the_step(tiny_teacher, tmp_path):
     """The label check runs on the host-side batch (on_before_batch_transfer), not in the training step."""
     module = make_module(tiny_teacher)
+    # A plain loader: a DataModule with too many classes is refused earlier (at fit start, by its num_classes).
+    bad = torch.utils.data.DataLoader([torch.tensor([0, 3, 11, 2])] * 2, batch_size=None)
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\)"):
-        make_trainer(tmp_path).fit(module, ClassLabelDataModule(12, 64, 2))
+        make_trainer(tmp_path).fit(module, train_dataloaders=bad)
     assert module.iteration == 0
