@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from dimo_lightning.callbacks.common import balanced_labels  # noqa: F401  (public here since the first release)
 from dimo_lightning.metrics.features import FeatureExtractor, ReferenceStats, metrics_from_features
 from dimo_lightning.teachers.base import MaskedTeacher
 
