@@ -410,8 +410,8 @@ def metrics_from_features(
     """All metrics of generated features (N, D) against reference statistics.
 
     Returns:
-        ``fid``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``f_score`` and ``is`` / ``is_std`` (None when no
-        logits are given).
+        ``fid``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``f_score`` and ``is`` / ``is_std`` (None without
+        logits or with fewer than 10 samples).
     """
     if len(fake_features) < 2:
         raise ValueError(f"metrics need at least 2 generated samples, got {len(fake_features)}")
@@ -421,7 +421,8 @@ def metrics_from_features(
     mu, sigma = feature_moments(fake_features)
     kid, kid_std = kernel_inception_distance(fake_features, reference.features, kid_subset_size, kid_subsets, seed)
     precision, recall = precision_recall(fake_features, reference.features, prc_neighborhood, chunk_size)
-    isc, isc_std = inception_score(fake_logits, seed=seed) if fake_logits is not None else (None, None)
+    with_is = fake_logits is not None and len(fake_logits) >= 10  # IS averages over 10 splits
+    isc, isc_std = inception_score(fake_logits, seed=seed) if with_is else (None, None)
     return {
         "fid": frechet_distance(mu, sigma, reference.mu, reference.sigma),
         "kid": kid,
