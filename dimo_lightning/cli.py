@@ -151,6 +151,8 @@ def _filter_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     # The label stream yields whole batches in-process (num_workers=0), so its __len__ is exact.
     warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+    # The predict loader yields batches that carry their global indices (SampleWriter needs no sampler indices).
+    warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; nothing for a user to act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # main() hands LightningCLI the command line minus `--debug`; that is not the mistake this warning is about.

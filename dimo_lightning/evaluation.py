@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from dimo_lightning.callbacks.common import balanced_labels  # noqa: F401  (public here since the first release)
 from dimo_lightning.metrics.features import FeatureExtractor, ReferenceStats, metrics_from_features
 from dimo_lightning.teachers.base import MaskedTeacher
 
@@ -189,7 +190,14 @@ def sharded_sample_features(
     counts = rank_counts(total, batch_size, world)
     with_accuracy = accuracy_network is not None and are_labels(conditions)
     features, logits, correct, elapsed = [], [], torch.zeros((), device=device), 0.0
-    for index, (start, stop) in rank_batches(total, batch_size, rank, world):
+    mine = rank_batches(total, batch_size, rank, world)
+    # Every rank runs as many forwards as the busiest one (ranks differ by at most one batch; a rank with none
+    # repeats batch 0 and drops the result): a sharded (FSDP) network gathers its parameters in every forward,
+    # and a rank that skipped one would leave the others waiting.
+    most = max(len(rank_batches(total, batch_size, r, world)) for r in range(world))
+    for step in range(most):
+        padding = step >= len(mine)
+        index, (start, stop) = mine[step] if not padding else (0, (0, min(batch_size, total)))
         batch = slice_conditions(conditions, start, stop)
         generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + index * 7_919) % 2**62)
         if device.type == "cuda":
@@ -198,8 +206,10 @@ def sharded_sample_features(
         codes = sample_codes(batch, generator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        elapsed += time.perf_counter() - t0
         images = pl_module.teacher.decode(codes).float()  # (B, C, H, W) in [0, 1]
+        if padding:
+            continue
+        elapsed += time.perf_counter() - t0
         batch_features, batch_logits = extractor(images)
         features.append(batch_features)
         if batch_logits is not None:
@@ -208,8 +218,8 @@ def sharded_sample_features(
             predicted = accuracy_network(images[:, :1]).argmax(1)
             correct += (predicted == batch.to(device)).sum()
     width = extractor.feature_dim
-    mine = torch.cat(features) if features else torch.zeros(0, width, device=device)
-    all_features = gather_rows(pl_module, mine, counts)
+    mine_features = torch.cat(features) if features else torch.zeros(0, width, device=device)
+    all_features = gather_rows(pl_module, mine_features, counts)
     all_logits = None
     if extractor.logits_layer is not None:
         # a rank without batches still joins the gather, with an empty block of the right width

@@ -63,6 +63,16 @@ def main(out_dir: str) -> None:
 
     weights, codebook = save_tiny_mnist_teacher(out / "teacher")
     module = DiMOModule(MNISTTeacher(str(weights), str(codebook)), max_generator_steps=4, seed=0)
+    forwards = {"student": 0, "teacher": 0}  # sampling calls: equal on every rank, as sharded networks need
+
+    def count(name, function):
+        def wrapped(*args, **kwargs):
+            forwards[name] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    module.generate = count("student", module.generate)
+    module.teacher.sample = count("teacher", module.teacher.sample)
     fid = next(c for c in callbacks if isinstance(c, FIDMonitor))
     computed = []
     compute = fid.compute
@@ -91,6 +101,7 @@ def main(out_dir: str) -> None:
         "fit_rows": fit_rows,
         "validate_rows": [r.as_dict() for r in report.rows],
         "writes": writes,
+        "forwards": forwards,
         "predicted_index": [int(i) for p in predictions for i in p["index"]],
         "predict_dir": str(next(c for c in callbacks if isinstance(c, writer_module.SampleWriter)).path),
     }

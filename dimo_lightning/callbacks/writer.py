@@ -75,6 +75,9 @@ class SampleWriter(BasePredictionWriter):
                                  "(ClassLabelDataModule's predict loader provides them)")
             index = torch.as_tensor(batch_indices)
         index = index.detach().cpu().long().numpy()
+        if len(index) == 0:  # a padding batch (equal step counts on every rank): nothing to write
+            del prediction["images"]
+            return
         labels = _as_numpy_conditions(prediction["labels"])
         pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # (B, C, H, W), as save_image rounds
         self._buffer.append({"images": pixels.permute(0, 2, 3, 1).cpu().numpy(), "labels": labels, "index": index})

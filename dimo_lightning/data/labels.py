@@ -79,7 +79,8 @@ class PredictConditions(IterableDataset):
     index), is the same on any number of ranks. The label of global index i is ``i % num_classes`` (balanced, class
     order). The rank is read when iterated (after the process group exists); being an IterableDataset, Lightning
     never re-shards it with a distributed sampler, so no sample is padded in twice (``use_distributed_sampler`` may
-    stay at its default). Ranks may get unequal counts (by up to one batch).
+    stay at its default). Ranks may get unequal counts (by up to one batch); a rank with fewer batches ends with
+    padding batches whose ``index`` is empty.
 
     Args:
         num_samples: samples over all ranks.
@@ -93,19 +94,27 @@ class PredictConditions(IterableDataset):
         self.num_classes = num_classes
         self.batch_size = batch_size
 
-    def batches(self) -> list[tuple[int, int]]:
-        """This rank's batches ``[(start, stop), ...]`` of global indices."""
+    def batches(self) -> list[tuple[int, int] | None]:
+        """This rank's batches ``[(start, stop), ...]`` of global indices, then ``None`` (a padding batch) for each
+        batch the busiest rank has more: every rank runs the same number of predict steps, which sharded (FSDP)
+        networks need (each forward gathers parameters on all ranks)."""
         from dimo_lightning.callbacks.common import rank_batches
 
         rank, world = _rank_and_world()
-        return [span for _, span in rank_batches(self.num_samples, self.batch_size, rank, world)]
+        spans = [span for _, span in rank_batches(self.num_samples, self.batch_size, rank, world)]
+        most = max(len(rank_batches(self.num_samples, self.batch_size, r, world)) for r in range(world))
+        return spans + [None] * (most - len(spans))
 
     def __len__(self) -> int:
         return len(self.batches())
 
     def __iter__(self):
-        for start, stop in self.batches():
-            index = torch.arange(start, stop)
+        for span in self.batches():
+            if span is None:  # padding: batch 0's conditions, no global index (SampleWriter writes nothing)
+                conditions = torch.arange(min(self.batch_size, self.num_samples)) % self.num_classes
+                yield {"conditions": conditions, "index": torch.zeros(0, dtype=torch.long)}
+                continue
+            index = torch.arange(*span)
             yield {"conditions": index % self.num_classes, "index": index}
 
 
