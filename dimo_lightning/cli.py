@@ -107,6 +107,12 @@ def _filter_warnings() -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``dimo`` console script."""
     _filter_warnings()
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["bench"]:  # a plain function outside LightningCLI's subcommands
+        from dimo_lightning.bench import main as bench_main
+
+        bench_main(argv[1:])
+        return
     DiMOCLI(args=args)
 
 

@@ -1,0 +1,574 @@
+"""``dimo bench``: where the time of Di[M]O sampling and training goes, and what each speed lever buys.
+
+    dimo bench --config configs/mnist/dimo.yaml [--trainer.accelerator=gpu --trainer.precision=bf16-mixed]
+               [--output bench.json] [--repeats 10] [--warmup 3] [--skip-levers compile,...]
+
+Everything is measured in one process, with warm-up and medians over repeats (CUDA timings synchronize; CPU
+timings use ``time.perf_counter``), so the ratios compare like with like on the same machine:
+
+* sampling: images/s of the one-step student and of the teacher's MaskGIT decoder at 1, 8 and 16 steps with its
+  CFG, and the student / teacher@16 ratio against the ideal (2 x steps network passes with CFG, 32x at 16 steps);
+* training: the wall time of one Di[M]O iteration, i.e. the module's real ``training_step`` inside a real Lightning
+  ``Trainer.fit`` loop (its logging, optimizer wrappers, precision plugin and data loader included; only the
+  config's callbacks are left out), divided by the sum of its necessary passes timed alone on the same batch
+  (student fwd+bwd, teacher CFG fwd on 2B, aux fwd, aux fwd+bwd, the two Adam steps): the overhead factor;
+* peak memory: CPU max RSS of the process, or CUDA max allocated during the iterations;
+* levers: each speed lever switched off and on, iteration (and sampling) time, or the pass it acts on.
+
+The model and data come from the config through the same ``DiMOCLI`` parser as ``dimo fit``, so any config and any
+``--model.*`` / ``--data.*`` / ``--trainer.*`` flag works. The bench runs on one device (``devices`` is forced to 1):
+per-device throughput is what it measures; multi-device scaling is out of its scope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from dimo_lightning.losses import aux_loss, generator_loss
+from dimo_lightning.masking import mask_tokens, sample_mask_ratio
+from dimo_lightning.sampling import sample_tokens
+
+SCHEMA_VERSION = 1
+TEACHER_STEPS = (1, 8, 16)
+LEVERS = ("output_head", "aux_sample", "batched_cfg", "teacher_inference_mode", "teacher_precision", "host_syncs",
+          "compile", "bf16_mixed", "tf32", "fused_adam")
+TARGETS = {"ratio_of_ideal_min": 0.90, "overhead_factor_max": 1.15, "aux_reuse_speedup_min": 0.08}
+
+
+# ---- timing ---------------------------------------------------------------------------------------------------------
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class IterationTimer(Callback):
+    """Times each training batch (``training_step`` plus Lightning's per-batch work) and the whole loop cycle, stops
+    after ``warmup + repeats`` batches, and then runs ``after`` (pass timings, sampling) while the model is still on
+    its device under the trainer's precision."""
+
+    def __init__(self, warmup: int, repeats: int, after: Callable[[pl.Trainer, pl.LightningModule], None] | None,
+                 track_cuda_memory: bool) -> None:
+        self.warmup, self.repeats, self.after = warmup, repeats, after
+        self.track_cuda_memory = track_cuda_memory
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.cuda_peak_bytes: int | None = None
+
+    def _sync(self, pl_module: pl.LightningModule) -> None:
+        synchronizer(pl_module.device)()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        if len(self.starts) == self.warmup and self.track_cuda_memory and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self.ends.append(time.perf_counter())
+        if len(self.ends) >= self.warmup + self.repeats:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.track_cuda_memory and pl_module.device.type == "cuda":
+            self.cuda_peak_bytes = int(torch.cuda.max_memory_allocated(pl_module.device))
+        if self.after is not None:
+            self.after(trainer, pl_module)
+
+    def first_step_seconds(self) -> float:
+        return self.ends[0] - self.starts[0]
+
+    def step_seconds(self) -> float:
+        """Median time of one batch (training_step and the per-batch hooks) after warm-up."""
+        return statistics.median(e - s for s, e in list(zip(self.starts, self.ends))[self.warmup:])
+
+    def cycle_seconds(self) -> float | None:
+        """Median time from one batch start to the next (also data loading and the loop's bookkeeping)."""
+        starts = self.starts[self.warmup:]
+        cycles = [b - a for a, b in zip(starts, starts[1:])]
+        return statistics.median(cycles) if cycles else None
+
+
+# ---- building from the config ---------------------------------------------------------------------------------------
+class BenchSetup:
+    """Builds the model and data from the config (plus overrides) and runs a short, real ``Trainer.fit``."""
+
+    def __init__(self, cli_args: list[str], warmup: int, repeats: int) -> None:
+        self.cli_args = cli_args
+        self.warmup, self.repeats = warmup, repeats
+
+    def build(self, overrides: list[str] = ()) -> tuple[pl.LightningModule, pl.LightningDataModule, Any]:
+        from dimo_lightning.cli import DiMOCLI
+
+        # The bench drives its own iterations: never let the module's step limit end the fit first.
+        args = [*self.cli_args, "--model.init_args.max_generator_steps=1000000000", *overrides]
+        cli = DiMOCLI(args=args, run=False, save_config_callback=None)
+        if not hasattr(cli.model, "student_logits"):
+            raise SystemExit(f"dimo bench: the config's model is {type(cli.model).__name__}, not a DiMOModule")
+        return cli.model, cli.datamodule, cli.config.trainer
+
+    def fit(
+        self,
+        overrides: list[str] = (),
+        after: Callable[[pl.Trainer, pl.LightningModule], None] | None = None,
+        precision: str | None = None,
+        repeats: int | None = None,
+        track_cuda_memory: bool = False,
+    ) -> IterationTimer:
+        model, datamodule, trainer_config = self.build(overrides)
+        timer = IterationTimer(self.warmup, self.repeats if repeats is None else repeats, after, track_cuda_memory)
+        trainer = pl.Trainer(
+            accelerator=trainer_config.accelerator,
+            devices=1,
+            precision=precision or trainer_config.precision,
+            max_epochs=-1,
+            logger=False,
+            callbacks=[timer],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(model, datamodule=datamodule)
+        return timer
+
+
+# ---- pass timings and sampling (run on the fitted model, on its device) ----------------------------------------------
+def first_condition_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    batch = next(iter(trainer.train_dataloader))
+    cond = pl_module.teacher.encode_condition(batch)
+    return cond.to(pl_module.device) if isinstance(cond, torch.Tensor) else cond
+
+
+def time_passes(trainer: pl.Trainer, pl_module, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each necessary pass of one iteration, alone, on a batch of the run's conditions.
+
+    The networks run in the modes of the training step (student/aux: ``train_dropout``; teacher: eval) under the
+    trainer's precision context. Also times the levers that act on one pass: two CFG passes of B vs one of 2B, and
+    the teacher under ``torch.inference_mode`` vs ``torch.no_grad``.
+    """
+    hp = pl_module.hparams
+    teacher = pl_module.teacher
+    sync = synchronizer(pl_module.device)
+    cond = first_condition_batch(trainer, pl_module)
+    generator = torch.Generator(device=pl_module.device).manual_seed(0)
+    opt_g, opt_a = trainer.optimizers[:2]
+    context = trainer.precision_plugin.train_step_context
+    r_init = sum(pl_module.r_init_range) / 2
+    sigma = pl_module.current_sigma()
+    with torch.no_grad(), context():
+        z = pl_module.student_logits(pl_module.student, cond, r_init, sigma, generator)
+        x = sample_tokens(z, hp.student_temperature, exclude_ids=(teacher.mask_id,), generator=generator)
+        ratio = sample_mask_ratio(x.shape[0], hp.gen_mask_schedule, generator, pl_module.device)
+        x_t, mask = mask_tokens(x, ratio, teacher.mask_id, generator)
+        grad = torch.randn_like(z, dtype=torch.float32) * 1e-3
+
+    def student_fwd_bwd():
+        with context():
+            logits = pl_module.student_logits(pl_module.student, cond, r_init, sigma, generator)
+            loss = generator_loss(logits, grad, mask)
+        loss.backward()
+
+    def student_fwd():
+        with torch.no_grad(), context():
+            pl_module.student_logits(pl_module.student, cond, r_init, sigma, generator)
+
+    def teacher_cfg(mode=torch.no_grad):
+        def run():
+            with mode(), context():
+                teacher.guided_logits(teacher.network, x_t, cond, hp.teacher_cfg_scale)
+        return run
+
+    def teacher_two_passes():
+        with torch.no_grad(), context():
+            b = x_t.shape[0]
+            conditional = teacher.apply_network(teacher.network, x_t, cond)
+            unconditional = teacher.apply_network(teacher.network, x_t, cond, torch.ones(b, dtype=torch.bool,
+                                                                                      device=x_t.device))
+            unconditional + hp.teacher_cfg_scale * (conditional - unconditional)
+
+    def aux_fwd():
+        with torch.no_grad(), context():
+            teacher.apply_network(pl_module.aux, x_t, cond)
+
+    def aux_fwd_bwd():
+        with context():
+            logits = teacher.apply_network(pl_module.aux, x_t, cond)
+            loss = aux_loss(logits, x, mask, hp.aux_label_smoothing)
+        loss.backward()
+
+    def adam_steps():
+        opt_g.step()
+        opt_a.step()
+
+    def time_it(fn):
+        return median_seconds(fn, warmup, repeats, sync)
+
+    passes = {
+        "student_fwd_bwd": time_it(student_fwd_bwd),
+        "teacher_cfg_fwd_2b": time_it(teacher_cfg()),
+        "aux_fwd": time_it(aux_fwd),
+        "aux_fwd_bwd": time_it(aux_fwd_bwd),
+    }
+    # Gradients of the timed backward passes are in place: the Adam steps update with them (weights change; the
+    # bench's remaining measurements do not depend on their values).
+    passes["adam_steps"] = time_it(adam_steps)
+    opt_g.zero_grad(set_to_none=True)
+    opt_a.zero_grad(set_to_none=True)
+    if hp.aux_sample == "fresh":
+        passes["student_fwd_fresh_aux_sample"] = time_it(student_fwd)
+    extra = {
+        "teacher_cfg_two_passes_b": time_it(teacher_two_passes),
+        "teacher_cfg_fwd_2b_inference_mode": time_it(teacher_cfg(torch.inference_mode)),
+        "teacher_cfg_fwd_2b_fp32": None,
+    }
+    if trainer.precision not in ("32-true", "32", "64-true"):
+        def teacher_fp32():
+            with torch.no_grad():
+                teacher.guided_logits(teacher.network, x_t, cond, hp.teacher_cfg_scale)
+        extra["teacher_cfg_fwd_2b_fp32"] = time_it(teacher_fp32)
+    return {"passes": passes, "extra": extra, "batch_size": int(x.shape[0])}
+
+
+def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
+                  teacher_steps=TEACHER_STEPS, no_grad_teacher: bool = True) -> dict[str, Any]:
+    """Images/s (codes only, no pixel decoding) of the one-step student and of the teacher at ``teacher_steps``."""
+    hp = pl_module.hparams
+    sync = synchronizer(pl_module.device)
+    cond = first_condition_batch(trainer, pl_module)
+    b = pl_module.teacher.condition_batch_size(cond)
+    context = trainer.precision_plugin.forward_context
+    generator = torch.Generator(device=pl_module.device).manual_seed(0)
+
+    def student():
+        with torch.inference_mode(), context():
+            pl_module.generate(cond, generator=generator)
+
+    def teacher(steps, mode):
+        def run():
+            with mode(), context():
+                pl_module.teacher.sample(cond, steps=steps, cfg_scale=hp.teacher_cfg_scale, generator=generator)
+        return run
+
+    out: dict[str, Any] = {"batch_size": b, "student_images_per_s": b / median_seconds(student, warmup, repeats, sync),
+                           "teacher_images_per_s": {}}
+    for steps in teacher_steps:
+        seconds = median_seconds(teacher(steps, torch.inference_mode), min(warmup, 1), max(3, repeats // 2), sync)
+        out["teacher_images_per_s"][str(steps)] = b / seconds
+    if no_grad_teacher and teacher_steps:
+        steps = max(teacher_steps)
+        seconds = median_seconds(teacher(steps, torch.no_grad), min(warmup, 1), max(3, repeats // 2), sync)
+        out["teacher_no_grad_images_per_s"] = {str(steps): b / seconds}
+    return out
+
+
+# ---- the bench ------------------------------------------------------------------------------------------------------
+def peak_cpu_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def lever_row(name: str, setting_off: str, setting_on: str, off: float | None, on: float | None, unit: str,
+              status: str = "measured", note: str = "", lower_is_better: bool = True) -> dict[str, Any]:
+    """One lever: its two settings and the measured values; ``gain`` is the fraction saved (time) or won (rate)."""
+    gain = None
+    if off is not None and on is not None and off > 0 and on > 0:
+        gain = (off - on) / off if lower_is_better else (on - off) / off
+    return {"lever": name, "off": setting_off, "on": setting_on, "value_off": off, "value_on": on, "unit": unit,
+            "gain": gain, "status": status, "note": note}
+
+
+def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_levers: tuple[str, ...] = (),
+              teacher_steps: tuple[int, ...] = TEACHER_STEPS, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every measurement for the config given by ``cli_args`` -> the bench record (see the module docstring)."""
+    unknown = [lever for lever in skip_levers if lever not in LEVERS]
+    if unknown:
+        raise ValueError(f"--skip-levers: unknown lever(s) {unknown}; choose from {', '.join(LEVERS)}")
+    setup = BenchSetup(cli_args, warmup, repeats)
+    found: dict[str, Any] = {}
+
+    def measure_base(trainer, pl_module):
+        log("timing the passes alone ...")
+        found.update(time_passes(trainer, pl_module, warmup, repeats))
+        log("timing sampling ...")
+        found["sampling"] = time_sampling(trainer, pl_module, warmup, repeats, teacher_steps)
+        found["device"] = str(pl_module.device)
+        found["precision"] = str(trainer.precision)
+        found["hparams"] = {k: pl_module.hparams[k] for k in ("aux_sample", "aux_rounds", "teacher_cfg_scale",
+                                                              "full_output_head", "compile_networks",
+                                                              "train_dropout") if k in pl_module.hparams}
+        found["cuda_available"] = torch.cuda.is_available()
+
+    log("training iterations (the config as given) ...")
+    base = setup.fit(after=measure_base, track_cuda_memory=True)
+    on_cuda = found["device"].startswith("cuda")
+    memory = ({"kind": "cuda_max_allocated", "bytes": base.cuda_peak_bytes} if on_cuda
+              else {"kind": "cpu_max_rss", "bytes": peak_cpu_rss_bytes()})
+
+    hp = found["hparams"]
+    passes = found["passes"]
+    gen_share = 1.0 / hp.get("aux_rounds", 1)  # generator passes run on every aux_rounds-th iteration
+    weights = {"student_fwd_bwd": gen_share, "teacher_cfg_fwd_2b": gen_share, "aux_fwd": gen_share,
+               "aux_fwd_bwd": 1.0, "adam_steps": 1.0, "student_fwd_fresh_aux_sample": 1.0}
+    weighted = {k: v * weights[k] for k, v in passes.items()}
+    passes_sum = sum(weighted.values())
+    nets_only = passes_sum - weighted["adam_steps"]
+    iteration = base.step_seconds()
+    cycle = base.cycle_seconds()
+
+    sampling = found["sampling"]
+    cfg_on = hp.get("teacher_cfg_scale", 1.0) != 1.0
+    longest = str(max(teacher_steps)) if teacher_steps else None
+    ideal = (2 if cfg_on else 1) * int(longest) if longest else None
+    ratio = sampling["student_images_per_s"] / sampling["teacher_images_per_s"][longest] if longest else None
+    sampling.update({"ratio_student_vs_teacher": ratio, "ratio_teacher_steps": int(longest) if longest else None,
+                     "ideal_ratio": ideal, "ratio_of_ideal": ratio / ideal if ratio else None})
+
+    levers: list[dict[str, Any]] = []
+    extra = found["extra"]
+
+    def iteration_with(overrides, **kwargs) -> IterationTimer:
+        return setup.fit(overrides, **kwargs)
+
+    if "output_head" not in skip_levers:
+        log("lever: output head (full vs returned-only) ...")
+        rates = {}
+
+        def student_rate(key):
+            def after(trainer, pl_module):
+                rates[key] = time_sampling(trainer, pl_module, warmup, repeats, teacher_steps=(),
+                                           no_grad_teacher=False)["student_images_per_s"]
+            return after
+
+        full = iteration_with(["--model.init_args.full_output_head=true"], after=student_rate("full"))
+        lean = iteration_with(["--model.init_args.full_output_head=false"], after=student_rate("lean"))
+        levers.append(lever_row("output_head", "full (all N+1 positions x all ids)", "returned rows only",
+                                full.step_seconds(), lean.step_seconds(), "s/iteration"))
+        levers.append(lever_row("output_head (student sampling)", "full", "returned rows only",
+                                rates["full"], rates["lean"], "images/s", lower_is_better=False))
+    if "aux_sample" not in skip_levers:
+        log("lever: aux_sample (fresh vs reuse) ...")
+        fresh = iteration_with(["--model.init_args.aux_sample=fresh"])
+        reuse = iteration_with(["--model.init_args.aux_sample=reuse"])
+        levers.append(lever_row("aux_sample", "fresh", "reuse", fresh.step_seconds(), reuse.step_seconds(),
+                                "s/iteration"))
+    if "batched_cfg" not in skip_levers:
+        levers.append(lever_row("batched_cfg (teacher pass)", "2 passes of B", "1 pass of 2B",
+                                extra["teacher_cfg_two_passes_b"], passes["teacher_cfg_fwd_2b"], "s/pass"))
+    if "teacher_inference_mode" not in skip_levers:
+        levers.append(lever_row("teacher_inference_mode (teacher CFG pass)", "torch.no_grad", "torch.inference_mode",
+                                passes["teacher_cfg_fwd_2b"], extra["teacher_cfg_fwd_2b_inference_mode"], "s/pass"))
+        if longest and "teacher_no_grad_images_per_s" in sampling:
+            levers.append(lever_row(f"teacher_inference_mode (teacher@{longest} sampling)", "torch.no_grad",
+                                    "torch.inference_mode", sampling["teacher_no_grad_images_per_s"][longest],
+                                    sampling["teacher_images_per_s"][longest], "images/s", lower_is_better=False))
+    if "teacher_precision" not in skip_levers:
+        if extra["teacher_cfg_fwd_2b_fp32"] is None:
+            levers.append(lever_row("teacher_precision (teacher CFG pass)", "32-true", found["precision"], None, None,
+                                    "s/pass", status="not applicable",
+                                    note="the configured precision is full fp32: nothing to compare"))
+        else:
+            levers.append(lever_row("teacher_precision (teacher CFG pass)", "32-true", found["precision"],
+                                    extra["teacher_cfg_fwd_2b_fp32"], passes["teacher_cfg_fwd_2b"], "s/pass"))
+    if "host_syncs" not in skip_levers:
+        levers.append(lever_row("host_syncs", "syncs in the step", "no syncs in the step", None, None, "s/iteration",
+                                status="pending", note="the sync-free training step is separate work (issue 12 "
+                                "item 2, engineer i9core); re-run the bench on a tree that has it"))
+    if "compile" not in skip_levers:
+        log("lever: torch.compile of student, aux and teacher (compilation takes a while) ...")
+        start = time.perf_counter()
+        compiled = iteration_with(["--model.init_args.compile_networks=[student, aux, teacher]"])
+        total = time.perf_counter() - start
+        levers.append(lever_row("compile", "eager", "torch.compile (student, aux, teacher)", iteration,
+                                compiled.step_seconds(), "s/iteration",
+                                note=f"first iteration {compiled.first_step_seconds():.1f} s (compilation); "
+                                     f"whole compiled run {total:.1f} s"))
+    gpu_levers = [("bf16_mixed", "32-true", "bf16-mixed"), ("tf32", "fp32 matmul", "TF32 matmul"),
+                  ("fused_adam", "foreach Adam", "fused Adam")]
+    for name, off, on in gpu_levers:
+        if name in skip_levers:
+            continue
+        if not on_cuda:
+            levers.append(lever_row(name, off, on, None, None, "s/iteration", status="skipped",
+                                    note="needs a CUDA device"))
+            continue
+        log(f"lever: {name} ...")
+        if name == "bf16_mixed":
+            a, b = setup.fit(precision="32-true"), setup.fit(precision="bf16-mixed")
+        elif name == "tf32":
+            previous = torch.get_float32_matmul_precision()
+            try:
+                torch.set_float32_matmul_precision("highest")
+                a = setup.fit(precision="32-true")
+                torch.set_float32_matmul_precision("high")
+                b = setup.fit(precision="32-true")
+            finally:
+                torch.set_float32_matmul_precision(previous)
+        else:
+            a = setup.fit(["--model.init_args.optimizer_gen.init_args.fused=false",
+                           "--model.init_args.optimizer_aux.init_args.fused=false"])
+            b = setup.fit(["--model.init_args.optimizer_gen.init_args.fused=true",
+                           "--model.init_args.optimizer_aux.init_args.fused=true"])
+        levers.append(lever_row(name, off, on, a.step_seconds(), b.step_seconds(), "s/iteration"))
+
+    reuse_row = next((row for row in levers if row["lever"] == "aux_sample"), None)
+    return {
+        "schema": SCHEMA_VERSION,
+        "command": ["dimo", "bench", *cli_args],
+        "environment": {
+            "device": found["device"], "precision": found["precision"], "torch": torch.__version__,
+            "lightning": pl.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if on_cuda else None, "warmup": warmup, "repeats": repeats,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        "settings": hp,
+        "batch_size": found["batch_size"],
+        "sampling": sampling,
+        "training": {
+            "measured_as": "median time of the module's training_step in a real Trainer.fit loop (per-batch hooks "
+                           "included, config callbacks excluded), after warm-up",
+            "iteration_s": iteration,
+            "loop_cycle_s": cycle,
+            "passes_s": passes,
+            "pass_weights": {k: weights[k] for k in passes},
+            "passes_sum_s": passes_sum,
+            "overhead_factor": iteration / passes_sum,
+            "overhead_factor_networks_only": iteration / nets_only,
+            "split": {k: v / iteration for k, v in weighted.items()} | {"other": 1.0 - passes_sum / iteration},
+        },
+        "memory": memory,
+        "levers": levers,
+        "targets": {
+            "ratio_of_ideal": {"target": f">= {TARGETS['ratio_of_ideal_min']}", "value": sampling["ratio_of_ideal"],
+                               "met": _met(sampling["ratio_of_ideal"], TARGETS["ratio_of_ideal_min"], True)},
+            "overhead_factor": {"target": f"<= {TARGETS['overhead_factor_max']}", "value": iteration / passes_sum,
+                                "met": _met(iteration / passes_sum, TARGETS["overhead_factor_max"], False)},
+            "aux_reuse_speedup": {"target": f">= {TARGETS['aux_reuse_speedup_min']}",
+                                  "value": reuse_row["gain"] if reuse_row else None,
+                                  "met": _met(reuse_row["gain"] if reuse_row else None,
+                                              TARGETS["aux_reuse_speedup_min"], True)},
+        },
+    }
+
+
+def _met(value: float | None, bound: float, at_least: bool) -> bool | None:
+    if value is None:
+        return None
+    return value >= bound if at_least else value <= bound
+
+
+# ---- printing -------------------------------------------------------------------------------------------------------
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit.startswith("s/"):
+        return f"{value * 1000:.1f} ms"
+    return f"{value:.1f}"
+
+
+def format_tables(record: dict[str, Any]) -> str:
+    """Markdown tables of a bench record (what ``dimo bench`` prints and the README shows)."""
+    env, s, t = record["environment"], record["sampling"], record["training"]
+    lines = [f"device {env['device']} ({env['gpu'] or 'CPU, ' + str(env['cpu_threads']) + ' threads'}), precision "
+             f"{env['precision']}, batch {record['batch_size']}, medians of {env['repeats']} after {env['warmup']} "
+             "warm-up", "", "| sampling | images/s |", "|---|---:|",
+             f"| student, 1 pass | {s['student_images_per_s']:.0f} |"]
+    for steps, rate in s["teacher_images_per_s"].items():
+        lines.append(f"| teacher, {steps} steps with CFG | {rate:.1f} |")
+    if s.get("ratio_student_vs_teacher"):
+        lines.append(f"| student / teacher@{s['ratio_teacher_steps']} | {s['ratio_student_vs_teacher']:.1f}x "
+                     f"(ideal {s['ideal_ratio']}x: {100 * s['ratio_of_ideal']:.0f}%) |")
+    lines += ["", "| training iteration | ms | share |", "|---|---:|---:|"]
+    for name, seconds in t["passes_s"].items():
+        share = 100 * t["split"][name]
+        lines.append(f"| {name} (x{t['pass_weights'][name]:g}) | {seconds * 1000:.1f} | {share:.0f}% |")
+    lines.append(f"| other (sampling, masking, losses, clipping, logging, Lightning) | "
+                 f"{(t['iteration_s'] - t['passes_sum_s']) * 1000:.1f} | {100 * t['split']['other']:.0f}% |")
+    lines.append(f"| **iteration** | **{t['iteration_s'] * 1000:.1f}** | overhead factor "
+                 f"**{t['overhead_factor']:.3f}** (networks only: {t['overhead_factor_networks_only']:.3f}) |")
+    if t["loop_cycle_s"]:
+        lines.append(f"| loop cycle (batch start to batch start) | {t['loop_cycle_s'] * 1000:.1f} | |")
+    memory = record["memory"]
+    lines.append(f"\npeak memory ({memory['kind']}): {memory['bytes'] / 2**20:.0f} MiB\n")
+    lines += ["| lever | off | on | value off | value on | gain | note |", "|---|---|---|---:|---:|---:|---|"]
+    for row in record["levers"]:
+        gain = f"{100 * row['gain']:+.1f}%" if row["gain"] is not None else row["status"]
+        lines.append(f"| {row['lever']} | {row['off']} | {row['on']} | {_fmt(row['value_off'], row['unit'])} | "
+                     f"{_fmt(row['value_on'], row['unit'])} | {gain} | {row['note']} |")
+    lines += ["", "| target | value | met |", "|---|---:|---|"]
+    for name, target in record["targets"].items():
+        value = "-" if target["value"] is None else f"{target['value']:.3f}"
+        lines.append(f"| {name} {target['target']} | {value} | {target['met']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``dimo bench``; every argument it does not know goes to the config parser."""
+    parser = argparse.ArgumentParser(
+        prog="dimo bench", description=__doc__.split("\n\n")[0],
+        epilog="Other flags (--model.*, --data.*, --trainer.accelerator/precision) go to the config parser.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="config file (repeatable, as for fit)")
+    parser.add_argument("--output", default="bench.json", help="where to write the JSON record (default bench.json)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per measurement")
+    parser.add_argument("--skip-levers", default="", help=f"comma-separated levers to skip: {', '.join(LEVERS)}")
+    parser.add_argument("--teacher-steps", default="1,8,16", help="teacher decoding steps to time (default 1,8,16)")
+    known, rest = parser.parse_known_args(argv)
+    if known.repeats < 2:
+        parser.error(f"--repeats must be >= 2 (medians), got {known.repeats}")
+    if known.warmup < 1:
+        parser.error(f"--warmup must be >= 1 (first calls pay for allocation and kernel choice), got {known.warmup}")
+    try:
+        steps = tuple(int(v) for v in known.teacher_steps.split(",") if v.strip())
+    except ValueError:
+        parser.error(f"--teacher-steps must be comma-separated integers, got {known.teacher_steps!r}")
+    if not steps or min(steps) < 1:
+        parser.error(f"--teacher-steps must list positive integers, got {known.teacher_steps!r}")
+    skip = tuple(v.strip() for v in known.skip_levers.split(",") if v.strip())
+    bad = [v for v in skip if v not in LEVERS]
+    if bad:
+        parser.error(f"--skip-levers: unknown lever(s) {bad}; choose from {', '.join(LEVERS)}")
+    cli_args = [arg for config in known.config for arg in ("--config", config)] + rest
+    record = run_bench(cli_args, known.warmup, known.repeats, skip, steps,
+                       log=lambda message: print(f"dimo bench: {message}", file=sys.stderr, flush=True))
+    Path(known.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(known.output).write_text(json.dumps(record, indent=2) + "\n")
+    print(format_tables(record))
+    print(f"\nwrote {known.output}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
