@@ -29,6 +29,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -561,6 +562,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bad:
         parser.error(f"--skip-levers: unknown lever(s) {bad}; choose from {', '.join(LEVERS)}")
     cli_args = [arg for config in known.config for arg in ("--config", config)] + rest
+    # The bench builds the config through DiMOCLI(args=...) on purpose, while sys.argv holds `dimo bench ...`.
+    warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
     record = run_bench(cli_args, known.warmup, known.repeats, skip, steps,
                        log=lambda message: print(f"dimo bench: {message}", file=sys.stderr, flush=True))
     Path(known.output).parent.mkdir(parents=True, exist_ok=True)
