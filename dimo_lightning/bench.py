@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -50,6 +51,14 @@ TARGETS = {"ratio_of_ideal_min": 0.90, "overhead_factor_max": 1.15, "aux_reuse_s
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------------
+# Every timing is a pair of medians: wall-clock seconds (time.perf_counter, after a device synchronize) and process
+# CPU seconds (time.process_time). On a dedicated machine they agree for CPU work; on a shared CPU the wall clock
+# also counts the time other processes held the cores, while the CPU clock counts only this process's work, so
+# ratios from the CPU clock are the trustworthy ones there. On CUDA the CPU clock is meaningless (asynchronous
+# kernels) and the wall clock is the headline.
+Timing = dict[str, float]
+
+
 def synchronizer(device: torch.device) -> Callable[[], None]:
     """A function that waits for the device's queued work (a no-op on CPU)."""
     if device.type == "cuda":
@@ -57,45 +66,46 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def median_seconds(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
+def _medians(samples: list[tuple[float, float]]) -> Timing:
+    return {"wall": statistics.median(w for w, _ in samples), "cpu": statistics.median(c for _, c in samples)}
+
+
+def median_times(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> Timing:
+    """Median wall and CPU seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     sync()
-    times = []
+    samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
         sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        samples.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return _medians(samples)
 
 
 class IterationTimer(Callback):
-    """Times each training batch (``training_step`` plus Lightning's per-batch work) and the whole loop cycle, stops
-    after ``warmup + repeats`` batches, and then runs ``after`` (pass timings, sampling) while the model is still on
-    its device under the trainer's precision."""
+    """Times each training batch (``training_step`` plus Lightning's per-batch hooks), stops after
+    ``warmup + repeats`` batches, and then runs ``after`` (pass timings, sampling) while the model is still on its
+    device under the trainer's precision."""
 
     def __init__(self, warmup: int, repeats: int, after: Callable[[pl.Trainer, pl.LightningModule], None] | None,
                  track_cuda_memory: bool) -> None:
         self.warmup, self.repeats, self.after = warmup, repeats, after
         self.track_cuda_memory = track_cuda_memory
-        self.starts: list[float] = []
-        self.ends: list[float] = []
+        self.starts: list[tuple[float, float]] = []
+        self.ends: list[tuple[float, float]] = []
         self.cuda_peak_bytes: int | None = None
 
-    def _sync(self, pl_module: pl.LightningModule) -> None:
-        synchronizer(pl_module.device)()
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._sync(pl_module)
+        synchronizer(pl_module.device)()
         if len(self.starts) == self.warmup and self.track_cuda_memory and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self.starts.append(time.perf_counter())
+        self.starts.append((time.perf_counter(), time.process_time()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sync(pl_module)
-        self.ends.append(time.perf_counter())
+        synchronizer(pl_module.device)()
+        self.ends.append((time.perf_counter(), time.process_time()))
         if len(self.ends) >= self.warmup + self.repeats:
             trainer.should_stop = True
 
@@ -105,18 +115,22 @@ class IterationTimer(Callback):
         if self.after is not None:
             self.after(trainer, pl_module)
 
-    def first_step_seconds(self) -> float:
-        return self.ends[0] - self.starts[0]
+    def first_step_wall_seconds(self) -> float:
+        return self.ends[0][0] - self.starts[0][0]
 
-    def step_seconds(self) -> float:
-        """Median time of one batch (training_step and the per-batch hooks) after warm-up."""
-        return statistics.median(e - s for s, e in list(zip(self.starts, self.ends))[self.warmup:])
+    def samples(self) -> list[tuple[float, float]]:
+        """(wall, cpu) seconds of each batch after warm-up."""
+        return [(e[0] - s[0], e[1] - s[1]) for s, e in list(zip(self.starts, self.ends))[self.warmup:]]
 
-    def cycle_seconds(self) -> float | None:
-        """Median time from one batch start to the next (also data loading and the loop's bookkeeping)."""
+    def step_times(self) -> Timing:
+        """Median time of one batch after warm-up."""
+        return _medians(self.samples())
+
+    def cycle_times(self) -> Timing | None:
+        """Median time from one batch start to the next (adds data loading and the loop's bookkeeping)."""
         starts = self.starts[self.warmup:]
-        cycles = [b - a for a, b in zip(starts, starts[1:])]
-        return statistics.median(cycles) if cycles else None
+        cycles = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(starts, starts[1:])]
+        return _medians(cycles) if cycles else None
 
 
 # ---- building from the config ---------------------------------------------------------------------------------------
@@ -233,7 +247,7 @@ def time_passes(trainer: pl.Trainer, pl_module, warmup: int, repeats: int) -> di
         opt_a.step()
 
     def time_it(fn):
-        return median_seconds(fn, warmup, repeats, sync)
+        return median_times(fn, warmup, repeats, sync)
 
     passes = {
         "student_fwd_bwd": time_it(student_fwd_bwd),
@@ -263,13 +277,17 @@ def time_passes(trainer: pl.Trainer, pl_module, warmup: int, repeats: int) -> di
 
 def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
                   teacher_steps=TEACHER_STEPS, no_grad_teacher: bool = True) -> dict[str, Any]:
-    """Images/s (codes only, no pixel decoding) of the one-step student and of the teacher at ``teacher_steps``."""
+    """Images per second (wall and CPU clock; codes only, no pixel decoding) of the one-step student and of the
+    teacher's MaskGIT decoder at ``teacher_steps`` with its CFG, under ``torch.inference_mode``."""
     hp = pl_module.hparams
     sync = synchronizer(pl_module.device)
     cond = first_condition_batch(trainer, pl_module)
     b = pl_module.teacher.condition_batch_size(cond)
     context = trainer.precision_plugin.forward_context
     generator = torch.Generator(device=pl_module.device).manual_seed(0)
+
+    def rate(timing: Timing) -> Timing:
+        return {clock: b / seconds for clock, seconds in timing.items()}
 
     def student():
         with torch.inference_mode(), context():
@@ -281,15 +299,16 @@ def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
                 pl_module.teacher.sample(cond, steps=steps, cfg_scale=hp.teacher_cfg_scale, generator=generator)
         return run
 
-    out: dict[str, Any] = {"batch_size": b, "student_images_per_s": b / median_seconds(student, warmup, repeats, sync),
+    out: dict[str, Any] = {"batch_size": b, "student_images_per_s": rate(median_times(student, warmup, repeats, sync)),
                            "teacher_images_per_s": {}}
+    teacher_repeats = max(3, repeats // 2)
     for steps in teacher_steps:
-        seconds = median_seconds(teacher(steps, torch.inference_mode), min(warmup, 1), max(3, repeats // 2), sync)
-        out["teacher_images_per_s"][str(steps)] = b / seconds
+        timing = median_times(teacher(steps, torch.inference_mode), min(warmup, 1), teacher_repeats, sync)
+        out["teacher_images_per_s"][str(steps)] = rate(timing)
     if no_grad_teacher and teacher_steps:
         steps = max(teacher_steps)
-        seconds = median_seconds(teacher(steps, torch.no_grad), min(warmup, 1), max(3, repeats // 2), sync)
-        out["teacher_no_grad_images_per_s"] = {str(steps): b / seconds}
+        timing = median_times(teacher(steps, torch.no_grad), min(warmup, 1), teacher_repeats, sync)
+        out["teacher_no_grad_images_per_s"] = {str(steps): rate(timing)}
     return out
 
 
@@ -300,19 +319,29 @@ def peak_cpu_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def lever_row(name: str, setting_off: str, setting_on: str, off: float | None, on: float | None, unit: str,
-              status: str = "measured", note: str = "", lower_is_better: bool = True) -> dict[str, Any]:
-    """One lever: its two settings and the measured values; ``gain`` is the fraction saved (time) or won (rate)."""
-    gain = None
-    if off is not None and on is not None and off > 0 and on > 0:
-        gain = (off - on) / off if lower_is_better else (on - off) / off
+def _gain(off: float | None, on: float | None, lower_is_better: bool) -> float | None:
+    if off is None or on is None or off <= 0 or on <= 0:
+        return None
+    return (off - on) / off if lower_is_better else (on - off) / off
+
+
+def lever_row(name: str, setting_off: str, setting_on: str, off: Timing | None, on: Timing | None, unit: str,
+              clock: str, status: str = "measured", note: str = "", lower_is_better: bool = True) -> dict[str, Any]:
+    """One lever: its two settings, the measured values on both clocks, and ``gain``: the fraction of time saved
+    (or of rate won) on the headline ``clock``."""
+    gains = {c: _gain(off[c], on[c], lower_is_better) for c in ("wall", "cpu")} if off and on else {}
     return {"lever": name, "off": setting_off, "on": setting_on, "value_off": off, "value_on": on, "unit": unit,
-            "gain": gain, "status": status, "note": note}
+            "gain": gains.get(clock), "gain_by_clock": gains, "status": status, "note": note}
 
 
 def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_levers: tuple[str, ...] = (),
-              teacher_steps: tuple[int, ...] = TEACHER_STEPS, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every measurement for the config given by ``cli_args`` -> the bench record (see the module docstring)."""
+              teacher_steps: tuple[int, ...] = TEACHER_STEPS, rounds: int = 2,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every measurement for the config given by ``cli_args`` -> the bench record (see the module docstring).
+
+    Lever settings that need their own training run are measured in ``rounds`` interleaved rounds (off, on, off,
+    on, ...) whose iterations are pooled, so a load change on a shared machine hits both settings alike.
+    """
     unknown = [lever for lever in skip_levers if lever not in LEVERS]
     if unknown:
         raise ValueError(f"--skip-levers: unknown lever(s) {unknown}; choose from {', '.join(LEVERS)}")
@@ -329,11 +358,11 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
         found["hparams"] = {k: pl_module.hparams[k] for k in ("aux_sample", "aux_rounds", "teacher_cfg_scale",
                                                               "full_output_head", "compile_networks",
                                                               "train_dropout") if k in pl_module.hparams}
-        found["cuda_available"] = torch.cuda.is_available()
 
     log("training iterations (the config as given) ...")
     base = setup.fit(after=measure_base, track_cuda_memory=True)
     on_cuda = found["device"].startswith("cuda")
+    clock = "wall" if on_cuda else "cpu"
     memory = ({"kind": "cuda_max_allocated", "bytes": base.cuda_peak_bytes} if on_cuda
               else {"kind": "cpu_max_rss", "bytes": peak_cpu_rss_bytes()})
 
@@ -342,108 +371,123 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
     gen_share = 1.0 / hp.get("aux_rounds", 1)  # generator passes run on every aux_rounds-th iteration
     weights = {"student_fwd_bwd": gen_share, "teacher_cfg_fwd_2b": gen_share, "aux_fwd": gen_share,
                "aux_fwd_bwd": 1.0, "adam_steps": 1.0, "student_fwd_fresh_aux_sample": 1.0}
-    weighted = {k: v * weights[k] for k, v in passes.items()}
-    passes_sum = sum(weighted.values())
-    nets_only = passes_sum - weighted["adam_steps"]
-    iteration = base.step_seconds()
-    cycle = base.cycle_seconds()
+    clocks = ("wall", "cpu")
+    passes_sum = {c: sum(t[c] * weights[k] for k, t in passes.items()) for c in clocks}
+    nets_only = {c: passes_sum[c] - passes["adam_steps"][c] for c in clocks}
+    iteration = base.step_times()
+    overhead = {c: iteration[c] / passes_sum[c] for c in clocks}
+    split = {c: {k: t[c] * weights[k] / iteration[c] for k, t in passes.items()} for c in clocks}
+    for c in clocks:
+        split[c]["other"] = 1.0 - passes_sum[c] / iteration[c]
 
     sampling = found["sampling"]
     cfg_on = hp.get("teacher_cfg_scale", 1.0) != 1.0
-    longest = str(max(teacher_steps)) if teacher_steps else None
-    ideal = (2 if cfg_on else 1) * int(longest) if longest else None
-    ratio = sampling["student_images_per_s"] / sampling["teacher_images_per_s"][longest] if longest else None
-    sampling.update({"ratio_student_vs_teacher": ratio, "ratio_teacher_steps": int(longest) if longest else None,
-                     "ideal_ratio": ideal, "ratio_of_ideal": ratio / ideal if ratio else None})
+    longest = str(max(teacher_steps))
+    ideal = (2 if cfg_on else 1) * int(longest)
+    ratio = {c: sampling["student_images_per_s"][c] / sampling["teacher_images_per_s"][longest][c] for c in clocks}
+    sampling.update({"ratio_student_vs_teacher": ratio, "ratio_teacher_steps": int(longest), "ideal_ratio": ideal,
+                     "ratio_of_ideal": {c: ratio[c] / ideal for c in clocks}})
 
     levers: list[dict[str, Any]] = []
     extra = found["extra"]
+    per_round = max(2, -(-repeats // rounds))
 
-    def iteration_with(overrides, **kwargs) -> IterationTimer:
-        return setup.fit(overrides, **kwargs)
+    def pair(off_overrides: list[str], on_overrides: list[str], **kwargs) -> tuple[Timing, Timing]:
+        """Interleaved runs of the two settings -> pooled median iteration times (off, on)."""
+        pooled: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+        for _ in range(rounds):
+            for key, overrides in (("off", off_overrides), ("on", on_overrides)):
+                timer = setup.fit(overrides, repeats=per_round, **kwargs.get(key, {}))
+                pooled[key] += timer.samples()
+        return _medians(pooled["off"]), _medians(pooled["on"])
+
+    def row(name, off, on, value_off, value_on, unit, **kwargs):
+        levers.append(lever_row(name, off, on, value_off, value_on, unit, clock, **kwargs))
 
     if "output_head" not in skip_levers:
         log("lever: output head (full vs returned-only) ...")
-        rates = {}
+        rates: dict[str, Timing] = {}
 
         def student_rate(key):
             def after(trainer, pl_module):
-                rates[key] = time_sampling(trainer, pl_module, warmup, repeats, teacher_steps=(),
-                                           no_grad_teacher=False)["student_images_per_s"]
+                if key not in rates:
+                    rates[key] = time_sampling(trainer, pl_module, warmup, repeats, teacher_steps=(),
+                                               no_grad_teacher=False)["student_images_per_s"]
             return after
 
-        full = iteration_with(["--model.init_args.full_output_head=true"], after=student_rate("full"))
-        lean = iteration_with(["--model.init_args.full_output_head=false"], after=student_rate("lean"))
-        levers.append(lever_row("output_head", "full (all N+1 positions x all ids)", "returned rows only",
-                                full.step_seconds(), lean.step_seconds(), "s/iteration"))
-        levers.append(lever_row("output_head (student sampling)", "full", "returned rows only",
-                                rates["full"], rates["lean"], "images/s", lower_is_better=False))
+        full, lean = pair(["--model.init_args.full_output_head=true"], ["--model.init_args.full_output_head=false"],
+                          off={"after": student_rate("full")}, on={"after": student_rate("lean")})
+        row("output_head", "full (all N+1 positions x all ids)", "returned rows only", full, lean, "s/iteration")
+        row("output_head (student sampling)", "full", "returned rows only", rates["full"], rates["lean"],
+            "images/s", lower_is_better=False)
     if "aux_sample" not in skip_levers:
         log("lever: aux_sample (fresh vs reuse) ...")
-        fresh = iteration_with(["--model.init_args.aux_sample=fresh"])
-        reuse = iteration_with(["--model.init_args.aux_sample=reuse"])
-        levers.append(lever_row("aux_sample", "fresh", "reuse", fresh.step_seconds(), reuse.step_seconds(),
-                                "s/iteration"))
+        fresh, reuse = pair(["--model.init_args.aux_sample=fresh"], ["--model.init_args.aux_sample=reuse"])
+        row("aux_sample", "fresh", "reuse", fresh, reuse, "s/iteration")
     if "batched_cfg" not in skip_levers:
-        levers.append(lever_row("batched_cfg (teacher pass)", "2 passes of B", "1 pass of 2B",
-                                extra["teacher_cfg_two_passes_b"], passes["teacher_cfg_fwd_2b"], "s/pass"))
+        row("batched_cfg (teacher pass)", "2 passes of B", "1 pass of 2B", extra["teacher_cfg_two_passes_b"],
+            passes["teacher_cfg_fwd_2b"], "s/pass")
     if "teacher_inference_mode" not in skip_levers:
-        levers.append(lever_row("teacher_inference_mode (teacher CFG pass)", "torch.no_grad", "torch.inference_mode",
-                                passes["teacher_cfg_fwd_2b"], extra["teacher_cfg_fwd_2b_inference_mode"], "s/pass"))
-        if longest and "teacher_no_grad_images_per_s" in sampling:
-            levers.append(lever_row(f"teacher_inference_mode (teacher@{longest} sampling)", "torch.no_grad",
-                                    "torch.inference_mode", sampling["teacher_no_grad_images_per_s"][longest],
-                                    sampling["teacher_images_per_s"][longest], "images/s", lower_is_better=False))
+        row("teacher_inference_mode (teacher CFG pass)", "torch.no_grad", "torch.inference_mode",
+            passes["teacher_cfg_fwd_2b"], extra["teacher_cfg_fwd_2b_inference_mode"], "s/pass")
+        row(f"teacher_inference_mode (teacher@{longest} sampling)", "torch.no_grad", "torch.inference_mode",
+            sampling["teacher_no_grad_images_per_s"][longest], sampling["teacher_images_per_s"][longest],
+            "images/s", lower_is_better=False)
     if "teacher_precision" not in skip_levers:
         if extra["teacher_cfg_fwd_2b_fp32"] is None:
-            levers.append(lever_row("teacher_precision (teacher CFG pass)", "32-true", found["precision"], None, None,
-                                    "s/pass", status="not applicable",
-                                    note="the configured precision is full fp32: nothing to compare"))
+            row("teacher_precision (teacher CFG pass)", "32-true", found["precision"], None, None, "s/pass",
+                status="not applicable", note="the configured precision is full fp32: nothing to compare")
         else:
-            levers.append(lever_row("teacher_precision (teacher CFG pass)", "32-true", found["precision"],
-                                    extra["teacher_cfg_fwd_2b_fp32"], passes["teacher_cfg_fwd_2b"], "s/pass"))
+            row("teacher_precision (teacher CFG pass)", "32-true", found["precision"],
+                extra["teacher_cfg_fwd_2b_fp32"], passes["teacher_cfg_fwd_2b"], "s/pass")
     if "host_syncs" not in skip_levers:
-        levers.append(lever_row("host_syncs", "syncs in the step", "no syncs in the step", None, None, "s/iteration",
-                                status="pending", note="the sync-free training step is separate work (issue 12 "
-                                "item 2, engineer i9core); re-run the bench on a tree that has it"))
+        row("host_syncs", "syncs in the step", "no syncs in the step", None, None, "s/iteration", status="pending",
+            note="the sync-free training step is separate work (issue 12 item 2); re-run the bench on a tree "
+                 "that has it")
     if "compile" not in skip_levers:
         log("lever: torch.compile of student, aux and teacher (compilation takes a while) ...")
         start = time.perf_counter()
-        compiled = iteration_with(["--model.init_args.compile_networks=[student, aux, teacher]"])
+        compiled = setup.fit(["--model.init_args.compile_networks=[student, aux, teacher]"])
         total = time.perf_counter() - start
-        levers.append(lever_row("compile", "eager", "torch.compile (student, aux, teacher)", iteration,
-                                compiled.step_seconds(), "s/iteration",
-                                note=f"first iteration {compiled.first_step_seconds():.1f} s (compilation); "
-                                     f"whole compiled run {total:.1f} s"))
+        row("compile", "eager", "torch.compile (student, aux, teacher)", iteration, compiled.step_times(),
+            "s/iteration", note=f"first iteration {compiled.first_step_wall_seconds():.0f} s wall (compilation); "
+                                f"whole compiled run {total:.0f} s wall")
     gpu_levers = [("bf16_mixed", "32-true", "bf16-mixed"), ("tf32", "fp32 matmul", "TF32 matmul"),
                   ("fused_adam", "foreach Adam", "fused Adam")]
     for name, off, on in gpu_levers:
         if name in skip_levers:
             continue
         if not on_cuda:
-            levers.append(lever_row(name, off, on, None, None, "s/iteration", status="skipped",
-                                    note="needs a CUDA device"))
+            row(name, off, on, None, None, "s/iteration", status="skipped", note="needs a CUDA device")
             continue
         log(f"lever: {name} ...")
         if name == "bf16_mixed":
-            a, b = setup.fit(precision="32-true"), setup.fit(precision="bf16-mixed")
+            a, b = pair([], [], off={"precision": "32-true"}, on={"precision": "bf16-mixed"})
         elif name == "tf32":
             previous = torch.get_float32_matmul_precision()
             try:
                 torch.set_float32_matmul_precision("highest")
-                a = setup.fit(precision="32-true")
+                a = setup.fit(precision="32-true").step_times()
                 torch.set_float32_matmul_precision("high")
-                b = setup.fit(precision="32-true")
+                b = setup.fit(precision="32-true").step_times()
             finally:
                 torch.set_float32_matmul_precision(previous)
         else:
-            a = setup.fit(["--model.init_args.optimizer_gen.init_args.fused=false",
-                           "--model.init_args.optimizer_aux.init_args.fused=false"])
-            b = setup.fit(["--model.init_args.optimizer_gen.init_args.fused=true",
-                           "--model.init_args.optimizer_aux.init_args.fused=true"])
-        levers.append(lever_row(name, off, on, a.step_seconds(), b.step_seconds(), "s/iteration"))
+            a, b = pair(["--model.init_args.optimizer_gen.init_args.fused=false",
+                         "--model.init_args.optimizer_aux.init_args.fused=false"],
+                        ["--model.init_args.optimizer_gen.init_args.fused=true",
+                         "--model.init_args.optimizer_aux.init_args.fused=true"])
+        row(name, off, on, a, b, "s/iteration")
 
-    reuse_row = next((row for row in levers if row["lever"] == "aux_sample"), None)
+    reuse_row = next((r for r in levers if r["lever"] == "aux_sample"), None)
+    reuse_gain = reuse_row["gain"] if reuse_row else None
+
+    def target(bound: float, value: float | None, at_least: bool, other: float | None) -> dict[str, Any]:
+        met = None if value is None else (value >= bound if at_least else value <= bound)
+        return {"target": f"{'>=' if at_least else '<='} {bound}", "value": value, "met": met,
+                "other_clock_value": other}
+
+    other = "cpu" if clock == "wall" else "wall"
     return {
         "schema": SCHEMA_VERSION,
         "command": ["dimo", "bench", *cli_args],
@@ -451,86 +495,84 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
             "device": found["device"], "precision": found["precision"], "torch": torch.__version__,
             "lightning": pl.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if on_cuda else None, "warmup": warmup, "repeats": repeats,
+            "lever_rounds": rounds, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
+        "clock": clock,
         "settings": hp,
         "batch_size": found["batch_size"],
         "sampling": sampling,
         "training": {
             "measured_as": "median time of the module's training_step in a real Trainer.fit loop (per-batch hooks "
-                           "included, config callbacks excluded), after warm-up",
+                           "included, the config's callbacks excluded), after warm-up; passes timed alone on the "
+                           "same device, precision and batch",
             "iteration_s": iteration,
-            "loop_cycle_s": cycle,
+            "loop_cycle_s": base.cycle_times(),
             "passes_s": passes,
             "pass_weights": {k: weights[k] for k in passes},
             "passes_sum_s": passes_sum,
-            "overhead_factor": iteration / passes_sum,
-            "overhead_factor_networks_only": iteration / nets_only,
-            "split": {k: v / iteration for k, v in weighted.items()} | {"other": 1.0 - passes_sum / iteration},
+            "overhead_factor": overhead,
+            "overhead_factor_networks_only": {c: iteration[c] / nets_only[c] for c in clocks},
+            "split": split,
         },
         "memory": memory,
         "levers": levers,
         "targets": {
-            "ratio_of_ideal": {"target": f">= {TARGETS['ratio_of_ideal_min']}", "value": sampling["ratio_of_ideal"],
-                               "met": _met(sampling["ratio_of_ideal"], TARGETS["ratio_of_ideal_min"], True)},
-            "overhead_factor": {"target": f"<= {TARGETS['overhead_factor_max']}", "value": iteration / passes_sum,
-                                "met": _met(iteration / passes_sum, TARGETS["overhead_factor_max"], False)},
-            "aux_reuse_speedup": {"target": f">= {TARGETS['aux_reuse_speedup_min']}",
-                                  "value": reuse_row["gain"] if reuse_row else None,
-                                  "met": _met(reuse_row["gain"] if reuse_row else None,
-                                              TARGETS["aux_reuse_speedup_min"], True)},
+            "ratio_of_ideal": target(TARGETS["ratio_of_ideal_min"], sampling["ratio_of_ideal"][clock], True,
+                                     sampling["ratio_of_ideal"][other]),
+            "overhead_factor": target(TARGETS["overhead_factor_max"], overhead[clock], False, overhead[other]),
+            "aux_reuse_speedup": target(TARGETS["aux_reuse_speedup_min"], reuse_gain, True,
+                                        reuse_row["gain_by_clock"].get(other) if reuse_row else None),
         },
     }
 
 
-def _met(value: float | None, bound: float, at_least: bool) -> bool | None:
-    if value is None:
-        return None
-    return value >= bound if at_least else value <= bound
-
-
 # ---- printing -------------------------------------------------------------------------------------------------------
-def _fmt(value: float | None, unit: str = "") -> str:
+def _fmt(value: Timing | None, unit: str, clock: str) -> str:
     if value is None:
         return "-"
     if unit.startswith("s/"):
-        return f"{value * 1000:.1f} ms"
-    return f"{value:.1f}"
+        return f"{value[clock] * 1000:.1f} ms"
+    return f"{value[clock]:.1f}"
 
 
 def format_tables(record: dict[str, Any]) -> str:
     """Markdown tables of a bench record (what ``dimo bench`` prints and the README shows)."""
-    env, s, t = record["environment"], record["sampling"], record["training"]
-    lines = [f"device {env['device']} ({env['gpu'] or 'CPU, ' + str(env['cpu_threads']) + ' threads'}), precision "
-             f"{env['precision']}, batch {record['batch_size']}, medians of {env['repeats']} after {env['warmup']} "
-             "warm-up", "", "| sampling | images/s |", "|---|---:|",
-             f"| student, 1 pass | {s['student_images_per_s']:.0f} |"]
+    env, s, t, clock = record["environment"], record["sampling"], record["training"], record["clock"]
+    other = "cpu" if clock == "wall" else "wall"
+    where = env["gpu"] or f"CPU, {env['cpu_threads']} thread(s)"
+    lines = [f"device {env['device']} ({where}), precision {env['precision']}, batch {record['batch_size']}, "
+             f"medians of {env['repeats']} after {env['warmup']} warm-up; headline clock: {clock} time "
+             f"(other clock in brackets)", "",
+             "| sampling | images/s |", "|---|---:|",
+             f"| student, 1 pass | {s['student_images_per_s'][clock]:.0f} ({s['student_images_per_s'][other]:.0f}) |"]
     for steps, rate in s["teacher_images_per_s"].items():
-        lines.append(f"| teacher, {steps} steps with CFG | {rate:.1f} |")
-    if s.get("ratio_student_vs_teacher"):
-        lines.append(f"| student / teacher@{s['ratio_teacher_steps']} | {s['ratio_student_vs_teacher']:.1f}x "
-                     f"(ideal {s['ideal_ratio']}x: {100 * s['ratio_of_ideal']:.0f}%) |")
+        lines.append(f"| teacher, {steps} steps with CFG | {rate[clock]:.1f} ({rate[other]:.1f}) |")
+    ratio = s["ratio_student_vs_teacher"]
+    lines.append(f"| student / teacher@{s['ratio_teacher_steps']} | {ratio[clock]:.1f}x ({ratio[other]:.1f}x); "
+                 f"ideal {s['ideal_ratio']}x: {100 * s['ratio_of_ideal'][clock]:.0f}% |")
     lines += ["", "| training iteration | ms | share |", "|---|---:|---:|"]
-    for name, seconds in t["passes_s"].items():
-        share = 100 * t["split"][name]
-        lines.append(f"| {name} (x{t['pass_weights'][name]:g}) | {seconds * 1000:.1f} | {share:.0f}% |")
-    lines.append(f"| other (sampling, masking, losses, clipping, logging, Lightning) | "
-                 f"{(t['iteration_s'] - t['passes_sum_s']) * 1000:.1f} | {100 * t['split']['other']:.0f}% |")
-    lines.append(f"| **iteration** | **{t['iteration_s'] * 1000:.1f}** | overhead factor "
-                 f"**{t['overhead_factor']:.3f}** (networks only: {t['overhead_factor_networks_only']:.3f}) |")
-    if t["loop_cycle_s"]:
-        lines.append(f"| loop cycle (batch start to batch start) | {t['loop_cycle_s'] * 1000:.1f} | |")
+    for name, timing in t["passes_s"].items():
+        share = 100 * t["split"][clock][name]
+        lines.append(f"| {name} (x{t['pass_weights'][name]:g}) | {timing[clock] * 1000:.1f} "
+                     f"({timing[other] * 1000:.1f}) | {share:.0f}% |")
+    rest = {c: (t["iteration_s"][c] - t["passes_sum_s"][c]) * 1000 for c in ("wall", "cpu")}
+    lines.append(f"| other (sampling, masking, losses, clipping, logging, Lightning) | {rest[clock]:.1f} "
+                 f"({rest[other]:.1f}) | {100 * t['split'][clock]['other']:.0f}% |")
+    lines.append(f"| **iteration** | **{t['iteration_s'][clock] * 1000:.1f}** ({t['iteration_s'][other] * 1000:.1f}) "
+                 f"| overhead factor **{t['overhead_factor'][clock]:.3f}** ({t['overhead_factor'][other]:.3f}) |")
     memory = record["memory"]
     lines.append(f"\npeak memory ({memory['kind']}): {memory['bytes'] / 2**20:.0f} MiB\n")
-    lines += ["| lever | off | on | value off | value on | gain | note |", "|---|---|---|---:|---:|---:|---|"]
+    lines += ["| lever | off | on | off value | on value | gain | note |", "|---|---|---|---:|---:|---:|---|"]
     for row in record["levers"]:
         gain = f"{100 * row['gain']:+.1f}%" if row["gain"] is not None else row["status"]
-        lines.append(f"| {row['lever']} | {row['off']} | {row['on']} | {_fmt(row['value_off'], row['unit'])} | "
-                     f"{_fmt(row['value_on'], row['unit'])} | {gain} | {row['note']} |")
-    lines += ["", "| target | value | met |", "|---|---:|---|"]
-    for name, target in record["targets"].items():
-        value = "-" if target["value"] is None else f"{target['value']:.3f}"
-        lines.append(f"| {name} {target['target']} | {value} | {target['met']} |")
+        lines.append(f"| {row['lever']} | {row['off']} | {row['on']} | {_fmt(row['value_off'], row['unit'], clock)} "
+                     f"| {_fmt(row['value_on'], row['unit'], clock)} | {gain} | {row['note']} |")
+    lines += ["", f"| target ({clock} clock) | value | met | {other} clock |", "|---|---:|---|---:|"]
+    for name, item in record["targets"].items():
+        value = "-" if item["value"] is None else f"{item['value']:.3f}"
+        second = "-" if item["other_clock_value"] is None else f"{item['other_clock_value']:.3f}"
+        lines.append(f"| {name} {item['target']} | {value} | {item['met']} | {second} |")
     return "\n".join(lines)
 
 
@@ -546,6 +588,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per measurement")
     parser.add_argument("--skip-levers", default="", help=f"comma-separated levers to skip: {', '.join(LEVERS)}")
     parser.add_argument("--teacher-steps", default="1,8,16", help="teacher decoding steps to time (default 1,8,16)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved off/on rounds per lever run (default 2)")
     known, rest = parser.parse_known_args(argv)
     if known.repeats < 2:
         parser.error(f"--repeats must be >= 2 (medians), got {known.repeats}")
@@ -564,7 +607,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli_args = [arg for config in known.config for arg in ("--config", config)] + rest
     # The bench builds the config through DiMOCLI(args=...) on purpose, while sys.argv holds `dimo bench ...`.
     warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
-    record = run_bench(cli_args, known.warmup, known.repeats, skip, steps,
+    if known.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {known.rounds}")
+    record = run_bench(cli_args, known.warmup, known.repeats, skip, steps, known.rounds,
                        log=lambda message: print(f"dimo bench: {message}", file=sys.stderr, flush=True))
     Path(known.output).parent.mkdir(parents=True, exist_ok=True)
     Path(known.output).write_text(json.dumps(record, indent=2) + "\n")

@@ -92,8 +92,8 @@ def test_compile_switch_builds_and_keeps_checkpoint_keys(tiny_teacher):
     assert not any("_orig_mod" in key for key in compiled.state_dict())
 
 
-BENCH_KEYS = {"schema", "command", "environment", "settings", "batch_size", "sampling", "training", "memory",
-              "levers", "targets"}
+BENCH_KEYS = {"schema", "command", "environment", "clock", "settings", "batch_size", "sampling", "training",
+              "memory", "levers", "targets"}
 
 
 def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, capsys):
@@ -103,7 +103,8 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
     main(["bench", "--config", str(ROOT / "configs/mnist/dimo.yaml"),
           f"--model.init_args.teacher.init_args.checkpoint={weights}",
           f"--model.init_args.teacher.init_args.codebook={codebook}", "--data.init_args.batch_size=4",
-          "--repeats", "2", "--warmup", "1", "--teacher-steps", "1,4", "--skip-levers", "compile,bf16_mixed",
+          "--repeats", "2", "--warmup", "1", "--rounds", "1", "--teacher-steps", "1,4",
+          "--skip-levers", "compile,bf16_mixed",
           "--output", str(output)])
     record = json.loads(output.read_text())
     assert set(record) == BENCH_KEYS
@@ -111,19 +112,26 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
     sampling = record["sampling"]
     assert set(sampling["teacher_images_per_s"]) == {"1", "4"}
     assert sampling["ideal_ratio"] == 8  # CFG 2.0 in the config: 2 passes x 4 steps
-    assert sampling["ratio_student_vs_teacher"] == pytest.approx(
-        sampling["student_images_per_s"] / sampling["teacher_images_per_s"]["4"])
+    assert record["clock"] == "cpu"  # a CPU run: process CPU time is the headline, wall time beside it
     training = record["training"]
     assert set(training["passes_s"]) == {"student_fwd_bwd", "teacher_cfg_fwd_2b", "aux_fwd", "aux_fwd_bwd",
                                          "adam_steps"}  # the config reuses the sample: no fresh student forward
-    assert training["passes_sum_s"] == pytest.approx(sum(training["passes_s"].values()))
-    assert training["overhead_factor"] == pytest.approx(training["iteration_s"] / training["passes_sum_s"])
-    assert sum(training["split"].values()) == pytest.approx(1.0)
+    for clock in ("wall", "cpu"):
+        assert sampling["ratio_student_vs_teacher"][clock] == pytest.approx(
+            sampling["student_images_per_s"][clock] / sampling["teacher_images_per_s"]["4"][clock])
+        assert sampling["ratio_of_ideal"][clock] == pytest.approx(sampling["ratio_student_vs_teacher"][clock] / 8)
+        assert training["passes_sum_s"][clock] == pytest.approx(sum(t[clock] for t in training["passes_s"].values()))
+        assert training["overhead_factor"][clock] == pytest.approx(
+            training["iteration_s"][clock] / training["passes_sum_s"][clock])
+        assert sum(training["split"][clock].values()) == pytest.approx(1.0)
+    assert record["targets"]["overhead_factor"]["value"] == training["overhead_factor"]["cpu"]
     assert record["memory"]["kind"] == "cpu_max_rss" and record["memory"]["bytes"] > 10 * 2**20
     levers = {row["lever"]: row for row in record["levers"]}
     assert "compile" not in levers and "bf16_mixed" not in levers
     for name in ("output_head", "aux_sample", "batched_cfg (teacher pass)"):
-        assert levers[name]["status"] == "measured" and levers[name]["value_off"] > 0 and levers[name]["value_on"] > 0
+        row = levers[name]
+        assert row["status"] == "measured" and row["value_off"]["wall"] > 0 and row["value_on"]["cpu"] > 0
+        assert row["gain"] == pytest.approx(1 - row["value_on"]["cpu"] / row["value_off"]["cpu"])
     assert levers["host_syncs"]["status"] == "pending"
     assert levers["tf32"]["status"] == "skipped" and levers["fused_adam"]["status"] == "skipped"
     assert set(record["targets"]) == {"ratio_of_ideal", "overhead_factor", "aux_reuse_speedup"}
