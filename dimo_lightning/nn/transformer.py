@@ -233,7 +233,9 @@ class MaskTransformer(nn.Module):
             class_ids = torch.where(drop_label, torch.full_like(class_ids, self.null_class_id), class_ids)
         image_emb = self.tok_emb(codes)  # (B, N, D)
         sigma = torch.as_tensor(emb_noise_sigma, dtype=image_emb.dtype, device=image_emb.device)
-        if bool((sigma != 0).any()):
+        # A Python number is tested in Python: no host sync, and no graph break under torch.compile.
+        noisy = emb_noise_sigma != 0 if isinstance(emb_noise_sigma, (int, float)) else bool((sigma != 0).any())
+        if noisy:
             sigma = sigma.reshape(-1, 1, 1) if sigma.ndim else sigma
             eps = torch.randn(image_emb.shape, generator=generator, device=image_emb.device, dtype=image_emb.dtype)
             image_emb = sigma * emb_noise_scale * eps + torch.sqrt(1 - sigma * sigma) * image_emb
