@@ -96,17 +96,34 @@ class IterationTimer(Callback):
         self.starts: list[tuple[float, float]] = []
         self.ends: list[tuple[float, float]] = []
         self.cuda_peak_bytes: int | None = None
+        # On CUDA, one extra untimed batch runs under torch.cuda's sync debug mode to count the host syncs.
+        self.host_syncs: int | None = None
+        self._sync_catcher: warnings.catch_warnings | None = None
+        self._sync_records: list | None = None
+
+    def _counting(self, pl_module) -> bool:
+        return self.track_cuda_memory and pl_module.device.type == "cuda"
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         synchronizer(pl_module.device)()
-        if len(self.starts) == self.warmup and self.track_cuda_memory and pl_module.device.type == "cuda":
+        if len(self.starts) == self.warmup and self._counting(pl_module):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+        if len(self.starts) == self.warmup + self.repeats and self._counting(pl_module):
+            self._sync_catcher = warnings.catch_warnings(record=True)
+            self._sync_records = self._sync_catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
         self.starts.append((time.perf_counter(), time.process_time()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         synchronizer(pl_module.device)()
         self.ends.append((time.perf_counter(), time.process_time()))
-        if len(self.ends) >= self.warmup + self.repeats:
+        if self._sync_catcher is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._sync_catcher.__exit__(None, None, None)
+            self.host_syncs = sum("synchroniz" in str(w.message) for w in self._sync_records)
+            self._sync_catcher = None
+        if len(self.ends) >= self.warmup + self.repeats + (1 if self._counting(pl_module) else 0):
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -120,7 +137,8 @@ class IterationTimer(Callback):
 
     def samples(self) -> list[tuple[float, float]]:
         """(wall, cpu) seconds of each batch after warm-up."""
-        return [(e[0] - s[0], e[1] - s[1]) for s, e in list(zip(self.starts, self.ends))[self.warmup:]]
+        timed = list(zip(self.starts, self.ends))[self.warmup : self.warmup + self.repeats]
+        return [(e[0] - s[0], e[1] - s[1]) for s, e in timed]
 
     def step_times(self) -> Timing:
         """Median time of one batch after warm-up."""
@@ -128,7 +146,7 @@ class IterationTimer(Callback):
 
     def cycle_times(self) -> Timing | None:
         """Median time from one batch start to the next (adds data loading and the loop's bookkeeping)."""
-        starts = self.starts[self.warmup:]
+        starts = self.starts[self.warmup : self.warmup + self.repeats]
         cycles = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(starts, starts[1:])]
         return _medians(cycles) if cycles else None
 
@@ -441,9 +459,11 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
             row("teacher_precision (teacher CFG pass)", "32-true", found["precision"],
                 extra["teacher_cfg_fwd_2b_fp32"], passes["teacher_cfg_fwd_2b"], "s/pass")
     if "host_syncs" not in skip_levers:
+        counted = f"{base.host_syncs} host syncs in one iteration (torch.cuda sync debug mode); " if (
+            base.host_syncs is not None) else "host syncs are counted on CUDA only; "
         row("host_syncs", "syncs in the step", "no syncs in the step", None, None, "s/iteration", status="pending",
-            note="the sync-free training step is separate work (issue 12 item 2); re-run the bench on a tree "
-                 "that has it")
+            note=counted + "the sync-free training step is separate work (issue 12 item 2): re-run the bench on a "
+                 "tree that has it")
     if "compile" not in skip_levers:
         log("lever: torch.compile of student, aux and teacher (compilation takes a while) ...")
         start = time.perf_counter()
@@ -516,6 +536,7 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
             "split": split,
         },
         "memory": memory,
+        "host_syncs_per_iteration": base.host_syncs,
         "levers": levers,
         "targets": {
             "ratio_of_ideal": target(TARGETS["ratio_of_ideal_min"], sampling["ratio_of_ideal"][clock], True,
