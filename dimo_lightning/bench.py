@@ -1,19 +1,22 @@
 """``dimo bench``: where the time of Di[M]O sampling and training goes, and what each speed lever buys.
 
     dimo bench --config configs/mnist/dimo.yaml [--trainer.accelerator=gpu --trainer.precision=bf16-mixed]
-               [--output bench.json] [--repeats 10] [--warmup 3] [--skip-levers compile,...]
+               [--output bench.json] [--repeats 10] [--warmup 3] [--rounds 2] [--skip-levers compile,...]
 
-Everything is measured in one process, with warm-up and medians over repeats (CUDA timings synchronize; CPU
-timings use ``time.perf_counter``), so the ratios compare like with like on the same machine:
+Everything is measured in one process, with warm-up and medians over repeats, on two clocks (wall time after a CUDA
+synchronize, and the process's CPU time; see "timing" below), so the ratios compare like with like:
 
 * sampling: images/s of the one-step student and of the teacher's MaskGIT decoder at 1, 8 and 16 steps with its
   CFG, and the student / teacher@16 ratio against the ideal (2 x steps network passes with CFG, 32x at 16 steps);
-* training: the wall time of one Di[M]O iteration, i.e. the module's real ``training_step`` inside a real Lightning
+* training: the time of one Di[M]O iteration, i.e. the module's real ``training_step`` inside a real Lightning
   ``Trainer.fit`` loop (its logging, optimizer wrappers, precision plugin and data loader included; only the
   config's callbacks are left out), divided by the sum of its necessary passes timed alone on the same batch
-  (student fwd+bwd, teacher CFG fwd on 2B, aux fwd, aux fwd+bwd, the two Adam steps): the overhead factor;
-* peak memory: CPU max RSS of the process, or CUDA max allocated during the iterations;
-* levers: each speed lever switched off and on, iteration (and sampling) time, or the pass it acts on.
+  (student fwd+bwd, teacher CFG fwd on 2B, aux fwd, aux fwd+bwd, the two Adam steps): the overhead factor. Each
+  timed iteration is followed by one timed run of every pass, so both see the same machine load;
+* peak memory: CPU max RSS of the process, or CUDA max allocated during the iterations (and, on CUDA, the number of
+  host syncs in one iteration);
+* levers: each speed lever switched off and on: iteration time from interleaved training runs, or, for levers that
+  act on one pass, that pass in alternating calls.
 
 The model and data come from the config through the same ``DiMOCLI`` parser as ``dimo fit``, so any config and any
 ``--model.*`` / ``--data.*`` / ``--trainer.*`` flag works. The bench runs on one device (``devices`` is forced to 1):
