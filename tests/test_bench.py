@@ -17,7 +17,7 @@ from dimo_lightning.callbacks.fid import FIDMonitor
 from dimo_lightning.cli import main
 from dimo_lightning.data.labels import ClassLabelDataModule
 from dimo_lightning.module import DiMOModule
-from dimo_lightning.nn.transformer import MaskTransformer
+from dimo_lightning.nn.transformer import MaskTransformer, count_parameters
 from dimo_lightning.speed import compile_networks, set_full_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,3 +184,18 @@ def test_fid_is_recorded_against_wall_time_and_plotted(tiny_teacher, tmp_path):
     png = plot.main([str(run_dir), str(tmp_path / "moved.csv"), "--output", str(tmp_path / "ttq.png"),
                      "--teacher-fid", "3.9"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_random_teacher_for_the_gpu_bench_loads_as_an_mnist_teacher(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_random_teacher", ROOT / "scripts/make_random_teacher.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with torch.device("meta"):  # the full-size preset is the released MaskGIT-256 transformer, parameter for parameter
+        assert count_parameters(MaskTransformer(**script.PRESETS["maskgit256"])) == 174_160_874
+    weights = script.main([str(tmp_path / "t"), "--preset", "tiny"])
+    from dimo_lightning.teachers.mnist import MNISTTeacher
+
+    teacher = MNISTTeacher(str(weights), str(tmp_path / "t" / "codebook.safetensors"))
+    assert (teacher.codebook_size, teacher.num_classes, teacher.seq_len) == (1024, 1000, 256)
+    logits = teacher(torch.zeros(2, 256, dtype=torch.long), torch.tensor([0, 999]))
+    assert logits.shape == (2, 256, 1025)
