@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from dimo_lightning import speed
 from dimo_lightning.consistency import check_data_matches_module, check_teacher_unchanged
 from dimo_lightning.distributed import clip_grads_, global_grad_norm, is_sharded, shard_network
 from dimo_lightning.export import checkpoint_records
@@ -110,6 +111,10 @@ class DiMOModule(pl.LightningModule):
         allow_teacher_change: resume (``--ckpt_path``) with a teacher other than the one the checkpoint was trained
             against; without it that is an error naming both.
         seed: base seed of all random draws (None: the CLI's ``seed_everything`` value, else 0).
+        full_output_head: compute the networks' output head over all positions and ids before slicing (the
+            reference computation, a benchmark baseline); False computes only the returned logits (same values).
+        compile_networks: which networks to ``torch.compile`` in place (``student``, ``aux``, ``teacher``); the
+            checkpoint layout is unchanged. Pays off on GPUs; measure with ``dimo bench`` before using it on a CPU.
     """
 
     def __init__(
@@ -160,6 +165,8 @@ class DiMOModule(pl.LightningModule):
         seed: int | None = None,
         teacher_sampling: TeacherSampling | None = None,
         allow_teacher_change: bool = False,
+        full_output_head: bool = False,
+        compile_networks: list[Literal["student", "aux", "teacher"]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(teacher, Mapping):  # load_from_checkpoint: the recorded class path and arguments
@@ -188,6 +195,9 @@ class DiMOModule(pl.LightningModule):
             for name in teacher.frozen_parameter_names():
                 for net in (self.student, self.aux):
                     net.get_parameter(name).requires_grad_(False)
+        networks = {"student": self.student, "aux": self.aux, "teacher": teacher.network}
+        speed.set_full_head(networks.values(), full_output_head)
+        speed.compile_networks(networks, compile_networks)
         self.optimizer_gen = optimizer_gen
         self.optimizer_aux = optimizer_aux
         self.scheduler_gen = scheduler_gen

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import time
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -12,6 +16,7 @@ from dimo_lightning.callbacks.common import (
     check_accuracy_network,
     evaluation_conditions,
     load_accuracy_network,
+    run_directory,
     shared_extractor,
     shared_reference,
     student_sampler,
@@ -30,6 +35,11 @@ class FIDMonitor(Callback):
 
     The reference and the extractor are loaded and checked in ``setup`` on every rank, so a wrong path, extractor or
     feature size fails before the first step.
+
+    For time-to-quality curves, each evaluation is also recorded against training wall time (seconds since the fit
+    started, carried across resumes in the checkpoint): a row of ``fid_vs_time.csv`` in the run directory
+    (seconds, generator_step, metrics) and, with a TensorBoard logger, the scalars ``val_vs_seconds/*`` whose
+    x-axis is whole seconds. ``scripts/plot_time_to_quality.py`` draws the curve.
 
     Args:
         every_n_generator_steps: cadence in generator steps (also runs at the last step).
@@ -72,6 +82,44 @@ class FIDMonitor(Callback):
         self.temperature = temperature
         self.evaluations = 0  # how many times metrics were computed (tests)
         self._last_step = -1
+        self._elapsed_before = 0.0  # training seconds of earlier (resumed-from) runs
+        self._fit_start: float | None = None
+
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.monotonic()
+
+    def elapsed_seconds(self) -> float:
+        """Training wall time so far, earlier runs of a resumed fit included."""
+        now = time.monotonic() if self._fit_start is not None else 0.0
+        return self._elapsed_before + (now - self._fit_start if self._fit_start is not None else 0.0)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed_seconds": self.elapsed_seconds()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._elapsed_before = float(state_dict.get("elapsed_seconds", 0.0))
+
+    def record_against_time(self, trainer: pl.Trainer, step: int, seconds: float, metrics: dict[str, float]) -> None:
+        """Append (seconds, generator step, metrics) to ``fid_vs_time.csv`` and TensorBoard, on rank zero."""
+        directory = run_directory(trainer)  # a collective: every rank calls it
+        if not trainer.is_global_zero:
+            return
+        metrics = {name: value for name, value in metrics.items() if value is not None}  # no IS without logits
+        path = directory / "fid_vs_time.csv"
+        new_file = not path.is_file()
+        with path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new_file:
+                writer.writerow(["seconds", "generator_step", *metrics])
+            writer.writerow([f"{seconds:.1f}", step, *(f"{v:.6g}" for v in metrics.values())])
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_scalar"):  # TensorBoard's SummaryWriter: a custom x-axis (seconds)
+                for name, value in metrics.items():
+                    experiment.add_scalar(f"val_vs_seconds/{name}", value, global_step=round(seconds))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -91,6 +139,7 @@ class FIDMonitor(Callback):
             return
         self._last_step = step
         metrics = self.compute(trainer, pl_module)
+        self.record_against_time(trainer, step, self.elapsed_seconds(), metrics)
         for name, value in metrics.items():
             if value is not None:
                 pl_module.log(f"val/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "fid")

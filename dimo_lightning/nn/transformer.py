@@ -12,7 +12,8 @@ Token layout of the shared embedding table (K = codebook size, C = number of cla
 
 The sequence is the N image tokens followed by one class token (last). The output head is tied to the token
 table: ``logits = last_layer(h) @ tok_emb.weight.T + bias``, sliced to the N image positions and the K + 1 ids of
-codes and mask.
+codes and mask. By default only those returned entries are computed (``full_head=False``): the class-token
+position and the class/null columns are never scored, which gives the same logits with less work.
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ class MaskTransformer(nn.Module):
         heads: attention heads (the released MaskGIT weights use 16; heads cannot be read off the shapes).
         mlp_dim: hidden width of the MLP.
         dropout: dropout in the input/output layers, the attention and the MLP.
+        full_head: compute the head over all N + 1 positions and all vocabulary ids before slicing, as the
+            reference code does (a benchmark baseline); False computes only the N x (K + 1) returned logits. Either
+            way the parameters and the state-dict layout are the same.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class MaskTransformer(nn.Module):
         heads: int = 16,
         mlp_dim: int = 3072,
         dropout: float = 0.1,
+        full_head: bool = False,
     ) -> None:
         super().__init__()
         for name, value in dict(
@@ -157,6 +162,7 @@ class MaskTransformer(nn.Module):
         self.null_class_id = codebook_size + 1 + num_classes
         self.vocab_size = codebook_size + 1 + num_classes + 1  # codes, mask, classes, null class
         self.logit_width = codebook_size + 1  # codes + mask slot
+        self.full_head = full_head  # a plain attribute: switchable after construction, not in the state dict
 
         self.tok_emb = nn.Embedding(self.vocab_size, hidden_dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, self.seq_len + 1, hidden_dim))
@@ -242,8 +248,16 @@ class MaskTransformer(nn.Module):
         x = self.first_layer(x)
         x = self.transformer(x)
         x = self.last_layer(x)
-        logits = x @ self.tok_emb.weight.T + self.bias  # (B, N+1, vocab)
-        return logits[:, : self.seq_len, : self.logit_width]
+        return self.output_head(x)
+
+    def output_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output head: hidden states (B, N+1, D) -> logits (B, N, K + 1) over codes and the mask slot."""
+        if self.full_head:
+            logits = hidden @ self.tok_emb.weight.T + self.bias  # (B, N+1, vocab): the reference computation
+            return logits[:, : self.seq_len, : self.logit_width]
+        # Only the N image positions and the K + 1 code/mask rows of the tied table: one fused matmul + bias.
+        n, v = self.seq_len, self.logit_width
+        return F.linear(hidden[:, :n], self.tok_emb.weight[:v], self.bias[:n, :v])  # (B, N, K+1); bias broadcasts
 
 
 def count_parameters(module: nn.Module) -> int:
