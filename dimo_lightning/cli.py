@@ -315,7 +315,7 @@ def main(args: list[str] | None = None) -> None:
             raise ArgumentError(None, f"expected a command: {commands} (`dimo --help` describes them)")
         if argv[0] in EXTRA_COMMANDS:
             code = importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:])
-            if code:
+            if isinstance(code, int) and code:  # an exit status (some commands return their record instead)
                 raise SystemExit(code)
         elif argv[0] in SUBCOMMANDS:
             run_subcommand(argv[0], argv[1:])

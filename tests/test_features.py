@@ -138,7 +138,7 @@ def test_npz_and_folder_sources_stream_the_same_images(tmp_path):
         open_image_source(str(tmp_path / "other.npz"))
 
 
-def test_dimo_stats_command(tmp_path):
+def test_dimo_stats_command(capsys, tmp_path):
     from dimo_lightning.cli import main
 
     output = tmp_path / "ref.npz"
@@ -146,5 +146,7 @@ def test_dimo_stats_command(tmp_path):
           "--max_features", "200"])
     stats = load_reference_stats(output)
     assert (stats.count, len(stats.features), stats.extractor) == (1000, 200, "mnist-cnn")
-    with pytest.raises(ValueError, match="--output"):
+    with pytest.raises(SystemExit) as exit_info:  # a user error: one `dimo: error:` line, status 2
         main(["stats", "--reference", "mnist-val", "--extractor", "mnist-cnn", "--output", str(tmp_path / "x.txt")])
+    assert exit_info.value.code == 2
+    assert "dimo: error: --output must end in .npz" in capsys.readouterr().err
