@@ -178,3 +178,11 @@ def test_data_must_match_teacher_and_accumulation(trained, tmp_path):
     module = _module(trained["weights"], trained["codebook"], accumulate_micro_batches=3)
     with pytest.raises(ValueError, match=r"batch_size=4 is not divisible by .*accumulate_micro_batches=3"):
         _trainer(tmp_path, [], enable_progress_bar=False).fit(module, ClassLabelDataModule(10, 4, 2))
+
+
+def test_teacher_record_names_files_by_absolute_path(trained, monkeypatch):
+    monkeypatch.chdir(trained["weights"].parent)
+    record = MNISTTeacher("teacher.safetensors", "codebook.safetensors").init_record()
+    assert record == {"class_path": "dimo_lightning.teachers.mnist.MNISTTeacher",
+                      "init_args": {"checkpoint": str(trained["weights"]), "codebook": str(trained["codebook"])}}
+    assert MNISTTeacher.from_record(record).init_record() == record
