@@ -29,7 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse import ArgumentError, Namespace
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -41,7 +41,6 @@ SUBCOMMANDS: dict[str, str] = {
     "stats": "dimo_lightning.stats:stats",
 }
 
-PROGRESS_BAR = "dimo_lightning.callbacks.progress.GeneratorStepProgressBar"
 # Exceptions that mean "the input is wrong", reported in one line; anything else keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ArgumentError, MisconfigurationException, KeyError)
 ERROR_EXIT_STATUS = 2
@@ -70,18 +69,26 @@ class DiMOCLI(LightningCLI):
         super().__init__(pl.LightningModule, pl.LightningDataModule, *args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """Add the generator-step progress bar unless the bar is disabled or another one is configured."""
-        _PARSED["config"] = self.config
-        subcommand = self.config.get("subcommand")
-        trainer = self.config[subcommand].get("trainer") if subcommand else self.config.get("trainer")
-        if trainer is None or trainer.get("enable_progress_bar") is False:
-            return
-        callbacks = trainer.get("callbacks")
-        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        if any(_is_progress_bar(c) for c in callbacks):
-            return
-        callbacks.append(Namespace(class_path=PROGRESS_BAR, init_args=Namespace(refresh_rate=1)))
-        trainer["callbacks"] = callbacks
+        _PARSED["config"] = self.config  # for naming the flag behind an error raised from here on
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Add the generator-step progress bar unless the bar is disabled or another one is configured.
+
+        It is added to the trainer, not to the parsed config, so a saved ``config.yaml`` stays as written (and still
+        works with ``--trainer.enable_progress_bar=false``).
+        """
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from dimo_lightning.callbacks.progress import GeneratorStepProgressBar
+
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        if trainer.get("enable_progress_bar") is not False and "callbacks" not in kwargs:
+            callbacks = trainer.get("callbacks")
+            callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+            if not any(isinstance(c, ProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, GeneratorStepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Keep the given config when ``--ckpt_path`` is set, and say where it differs from the checkpoint.
@@ -157,20 +164,6 @@ def _filter_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # main() hands LightningCLI the command line minus `--debug`; that is not the mistake this warning is about.
     warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
-
-
-def _is_progress_bar(callback: Any) -> bool:
-    from lightning.pytorch.callbacks import ProgressBar
-
-    class_path = callback.get("class_path") if hasattr(callback, "get") else None
-    if class_path is None:
-        return isinstance(callback, ProgressBar)
-    try:
-        module_name, _, name = str(class_path).rpartition(".")
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        return False  # jsonargparse reports the bad class_path itself
-    return isinstance(cls, type) and issubclass(cls, ProgressBar)
 
 
 def run_subcommand(name: str, args: list[str]) -> None:

@@ -75,9 +75,10 @@ def checkpoint_records(module: Any) -> dict[str, Any]:
     conditioning = None
     if isinstance(teacher, ClassConditionalTeacher):
         conditioning = {"type": "class_label", "num_classes": int(teacher.num_classes)}
+    tokenizer = getattr(teacher, "tokenizer", None)
     return {
         "network": network_record(module.student),
-        "tokenizer": tokenizer_record(teacher.tokenizer),
+        "tokenizer": tokenizer_record(tokenizer) if tokenizer is not None else None,
         "conditioning": conditioning,
         "emb_noise_scale": float(module.emb_noise_scale),
     }

@@ -624,6 +624,14 @@ class DiMOModule(pl.LightningModule):
         }
 
     @override
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        keys = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        # The teacher comes from its own files, never from checkpoints: its keys are missing by design, and
+        # load_from_checkpoint would otherwise warn about each of them (on_load_checkpoint checks the rest).
+        keys.missing_keys[:] = [k for k in keys.missing_keys if not k.startswith("teacher.")]
+        return keys
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved_teacher = (checkpoint.get("hyper_parameters") or {}).get("teacher")
         check_teacher_unchanged(saved_teacher, self.hparams.get("teacher"), "being loaded",

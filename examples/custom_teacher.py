@@ -118,14 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     """`dimo fit --config examples/custom_teacher.yaml`, with this folder importable."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="generator steps")
-    parser.add_argument("extra", nargs="*", help="further `dimo fit` flags, e.g. --trainer.enable_progress_bar=false")
-    args = parser.parse_args(argv)
+    # Any other flag goes to `dimo fit`, e.g. --trainer.enable_progress_bar=false
+    args, extra = parser.parse_known_args(argv)
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
     from dimo_lightning.cli import main as dimo
 
     dimo(["fit", "--config", str(HERE / "custom_teacher.yaml"),
-          f"--model.init_args.max_generator_steps={args.steps}", *args.extra])
+          f"--model.init_args.max_generator_steps={args.steps}", *extra])
 
 
 if __name__ == "__main__":

@@ -55,3 +55,14 @@ def test_imagenet_instructions_exist_once():
     for heading in ("### 1. Download the weights", "### 2. Train", "### 3. Evaluate"):
         assert heading in imagenet and heading not in readme
     assert "docs/imagenet.md" in readme
+
+
+def test_readme_error_examples_match_the_generated_table():
+    """The README quotes a few rows of docs/cli_errors.md (which tests/test_cli_errors.py checks against `dimo`);
+    every quoted fragment ("..." marks a cut) must be in it."""
+    table = (ROOT / "docs/cli_errors.md").read_text()
+    quoted = re.findall(r"`(dimo: error: [^`]+)`", (ROOT / "README.md").read_text())
+    assert len(quoted) >= 4
+    for message in quoted:
+        for fragment in re.split(r"\s*\.\.\.\s*", message):
+            assert fragment.strip("() ") in table, fragment

@@ -141,7 +141,12 @@ def test_dimo_sample_writes_pngs_grid_and_npz(trained, tmp_path, capsys):
 
 def test_load_from_checkpoint_rebuilds_the_teacher(trained):
     module = trained["module"]
-    rebuilt = DiMOModule.load_from_checkpoint(trained["ckpt"])
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rebuilt = DiMOModule.load_from_checkpoint(trained["ckpt"])
+    assert not [w for w in caught if "Found keys" in str(w.message)]  # no warning about the teacher's keys
     assert isinstance(rebuilt.teacher, MNISTTeacher)
     assert rebuilt.generator_step == STEPS
     assert rebuilt.hparams.teacher == module.hparams.teacher
@@ -178,3 +183,11 @@ def test_data_must_match_teacher_and_accumulation(trained, tmp_path):
     module = _module(trained["weights"], trained["codebook"], accumulate_micro_batches=3)
     with pytest.raises(ValueError, match=r"batch_size=4 is not divisible by .*accumulate_micro_batches=3"):
         _trainer(tmp_path, [], enable_progress_bar=False).fit(module, ClassLabelDataModule(10, 4, 2))
+
+
+def test_teacher_record_names_files_by_absolute_path(trained, monkeypatch):
+    monkeypatch.chdir(trained["weights"].parent)
+    record = MNISTTeacher("teacher.safetensors", "codebook.safetensors").init_record()
+    assert record == {"class_path": "dimo_lightning.teachers.mnist.MNISTTeacher",
+                      "init_args": {"checkpoint": str(trained["weights"]), "codebook": str(trained["codebook"])}}
+    assert MNISTTeacher.from_record(record).init_record() == record

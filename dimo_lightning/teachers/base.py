@@ -16,6 +16,7 @@ import functools
 import importlib
 import inspect
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
@@ -50,6 +51,9 @@ class MaskedTeacher(nn.Module, ABC):
             bound = inspect.signature(init).bind(self, *args, **kw)
             bound.apply_defaults()
             arguments = dict(list(bound.arguments.items())[1:])  # drop self
+            # Relative paths are made absolute, so a checkpoint rebuilds its teacher from any working directory.
+            arguments = {k: os.path.abspath(v) if isinstance(v, str) and not os.path.isabs(v) and os.path.exists(v)
+                         else v for k, v in arguments.items()}
             # The outermost constructor finishes last, so a subclass's own arguments win over its parent's.
             object.__setattr__(self, "_init_record", {"class_path": _class_path(type(self)), "init_args": arguments})
 
