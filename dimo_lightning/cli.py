@@ -107,6 +107,11 @@ def _filter_warnings() -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``dimo`` console script."""
     _filter_warnings()
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "encode":  # real images -> VQGAN codes (Soft-Di[M]O real data)
+        from dimo_lightning.encode import main as encode_main
+
+        return encode_main(argv[1:])
     DiMOCLI(args=args)
 
 

@@ -162,9 +162,7 @@ class TeacherDiscriminator(nn.Module):
         self.mask_augment = mask_augment
         self.max_mask_ratio = max_mask_ratio
         self.ratio_frequencies = ratio_frequencies
-        self.heads = nn.ModuleList(
-            FeatureHead(hidden_dim, head_dim, 2 * ratio_frequencies) for _ in self.layers
-        )
+        self.heads = nn.ModuleList(FeatureHead(hidden_dim, head_dim, 2 * ratio_frequencies) for _ in self.layers)
 
     @classmethod
     def for_trunk(cls, trunk: nn.Module, num_layers: int = 3, **kwargs) -> TeacherDiscriminator:
