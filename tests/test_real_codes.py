@@ -167,3 +167,23 @@ def test_dimo_encode_writes_the_codes_of_a_folder_and_of_an_npz(tmp_path) -> Non
     with pytest.raises(SystemExit, match="no class subfolders"):
         main(["encode", "--images", str(tmp_path / "vqgan" / ".."/ "out"), "--vqgan", str(tmp_path / "vqgan"),
               "--output", str(tmp_path / "x.npz")])
+
+
+def test_dimo_fit_runs_on_real_code_batches_and_checkpoints_the_position(tmp_path, monkeypatch) -> None:
+    """The (labels, codes) batches go through today's DiMOModule (which reads the labels) and the CLI."""
+    from pathlib import Path
+
+    from dimo_lightning.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    main([
+        "fit", "--config", str(root / "configs/mnist/dimo.yaml"), "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
+        "init_args: {save_last: true}}]",
+        "--model.init_args.max_generator_steps=3", "--data=dimo_lightning.data.real_codes.RealCodesDataModule",
+        "--data.init_args.batch_size=4", "--data.init_args.batches_per_epoch=2",
+    ])
+    checkpoint = torch.load(tmp_path / "runs/mnist_dimo/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert checkpoint["dimo"]["generator_step"] == 3
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"position": 3}]
