@@ -151,3 +151,21 @@ def test_discriminator_loss_leaves_the_student_alone(tiny_teacher) -> None:
     assert all(p.grad is not None for p in disc.parameters())
     with pytest.raises(ValueError, match=r"real codes must lie in \[0, 16\)"):
         disc.discriminator_loss(trunk, real + 16, torch.tensor([0, 1, 2]), logits, torch.tensor([3, 4]))
+
+
+def test_generator_loss_skips_rows_that_are_not_finite(tiny_teacher) -> None:
+    trunk = _trunk(tiny_teacher)
+    torch.manual_seed(2)
+    disc = TeacherDiscriminator.for_trunk(trunk, head_dim=8, mask_augment=False)
+    logits = torch.randn(3, trunk.seq_len, trunk.logit_width)
+    logits[1, 0, 0] = float("nan")
+    logits.requires_grad_(True)
+    labels = torch.tensor([5, 6, 7])
+    keep = torch.tensor([True, False, True])
+    loss = disc.generator_loss(trunk, logits, labels, row_weight=keep)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and logits.grad[1].abs().max() == 0
+    expected = disc.generator_loss(trunk, logits.detach()[keep], labels[keep])
+    torch.testing.assert_close(loss, expected)
+    nothing = disc.generator_loss(trunk, logits, labels, row_weight=torch.zeros(3, dtype=torch.bool))
+    assert nothing.item() == 0.0 and nothing.requires_grad

@@ -224,6 +224,7 @@ class TeacherDiscriminator(nn.Module):
         student_logits: torch.Tensor,
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
+        row_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``L_gan`` of the student: non-saturating loss on its soft embeddings; differentiable in the logits.
 
@@ -232,7 +233,16 @@ class TeacherDiscriminator(nn.Module):
             student_logits: (B, N, V) student logits (with grad).
             labels: (B,) the classes the student generated for.
             generator: random source of the mask augmentation.
+            row_weight: optional (B,) bool of rows to use (e.g. ``finite_rows``): the others never enter the
+                trunk, so a non-finite row cannot reach the loss or the gradient; no row left gives 0.
         """
+        if row_weight is not None:
+            keep = row_weight.bool()
+            if not bool(keep.any()):
+                # A zero that stays in the graph (DDP's reducer expects one), NaN-free whatever the logits hold.
+                finite = torch.where(torch.isfinite(student_logits), student_logits, torch.zeros_like(student_logits))
+                return finite.sum() * 0.0
+            student_logits, labels = student_logits[keep], labels[keep]
         fake = self.fake_embeddings(trunk, student_logits)
         return generator_gan_loss(self(trunk, fake, labels, generator))
 
