@@ -70,17 +70,42 @@ def _to_nchw(batch: np.ndarray, source: str) -> torch.Tensor:
     return tensor.float() / 255.0
 
 
-def image_batches(images: str | Path, batch_size: int, resolution: int) -> tuple[int, Iterator[tuple]]:
-    """(M, iterator of (images (B, 3, H, W) float in [0, 1], labels (B,) int64)) over a folder or an ``.npz``."""
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Item i: (uint8 image (R, R, 3) resized and centre-cropped, label) of ``files[i]``, read when asked for."""
+
+    def __init__(self, files: list[Path], labels: list[int], resolution: int) -> None:
+        self.files, self.labels, self.resolution = files, labels, resolution
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return load_image(self.files[i], self.resolution), self.labels[i]
+
+
+def _stack_items(items: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
+    # Module level (not a lambda) so that spawned DataLoader workers can pickle it.
+    return np.stack([item[0] for item in items]), np.array([item[1] for item in items])
+
+
+def image_batches(
+    images: str | Path, batch_size: int, resolution: int, num_workers: int = 0
+) -> tuple[int, Iterator[tuple]]:
+    """(M, iterator of (images (B, 3, H, W) float in [0, 1], labels (B,) int64)) over a folder or an ``.npz``.
+
+    Folder images are decoded by ``num_workers`` DataLoader processes (0: in this process), in file order.
+    """
     path = Path(images)
     if path.is_dir():
         files, labels, _ = list_image_folder(path)
+        loader = torch.utils.data.DataLoader(
+            ImageFileDataset(files, labels, resolution), batch_size=batch_size, num_workers=num_workers,
+            collate_fn=_stack_items,
+        )
 
         def folder_batches():
-            for start in range(0, len(files), batch_size):
-                chunk = files[start : start + batch_size]
-                stacked = np.stack([load_image(f, resolution) for f in chunk])
-                yield _to_nchw(stacked, str(path)), np.asarray(labels[start : start + batch_size], dtype=np.int64)
+            for stacked, batch_labels in loader:
+                yield _to_nchw(stacked, str(path)), batch_labels.astype(np.int64)
 
         return len(files), folder_batches()
     if path.suffix == ".npz" and path.is_file():
@@ -110,6 +135,7 @@ def encode_images(
     batch_size: int = 64,
     resolution: int = 256,
     device: str = "cpu",
+    num_workers: int = 0,
     verbose: bool = True,
 ) -> Path:
     """Encode real images with a VQGAN's encoder and write ``codes`` and ``labels`` to an uncompressed ``.npz``.
@@ -121,6 +147,7 @@ def encode_images(
         batch_size: images per encoder forward.
         resolution: folder images are resized and centre-cropped to this size (a multiple of the VQGAN's stride).
         device: where the VQGAN runs.
+        num_workers: processes decoding folder images (DataLoader workers).
         verbose: print progress.
 
     Returns:
@@ -135,7 +162,7 @@ def encode_images(
         raise ValueError(
             f"--resolution {resolution} is not a multiple of the VQGAN stride {tokenizer.downsample_factor}"
         )
-    total, batches = image_batches(images, batch_size, resolution)
+    total, batches = image_batches(images, batch_size, resolution, num_workers)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     code_dtype = np.int16 if tokenizer.codebook_size <= np.iinfo(np.int16).max else np.int32
@@ -176,9 +203,11 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num_workers", type=int, default=0, help="processes decoding folder images")
     ns = parser.parse_args(sys.argv[2:] if args is None else args)
     try:
-        path = encode_images(ns.images, ns.vqgan, ns.output, ns.batch_size, ns.resolution, ns.device)
+        path = encode_images(ns.images, ns.vqgan, ns.output, ns.batch_size, ns.resolution, ns.device,
+                             ns.num_workers)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"dimo encode: {err}") from err
     print(f"wrote {path}")

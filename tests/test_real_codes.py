@@ -142,7 +142,8 @@ def test_dimo_encode_writes_the_codes_of_a_folder_and_of_an_npz(tmp_path) -> Non
     (tmp_path / "images" / "a_dog" / "notes.txt").write_text("ignored")
 
     main(["encode", "--images", str(tmp_path / "images"), "--vqgan", str(tmp_path / "vqgan"),
-          "--output", str(tmp_path / "out" / "codes.npz"), "--batch_size", "2", "--resolution", "32"])
+          "--output", str(tmp_path / "out" / "codes.npz"), "--batch_size", "2", "--resolution", "32",
+          "--num_workers", "1"])
     written = load_code_file(tmp_path / "out" / "codes.npz")
     assert isinstance(written.codes, np.memmap) and written.codes.shape == (5, 16, 16)
     # Sorted class folders: a_dog = 0 (images 1, 3), b_cat = 1 (images 0, 2, 4).
