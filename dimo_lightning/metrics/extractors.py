@@ -4,8 +4,9 @@
   ``"penultimate"`` (B, 128; the post-ReLU fc features divided by the classifier's fixed ``feature_scale``, their
   RMS on the train split), the default for FID / KID / precision-recall, and ``"logits"`` (B, 10), the default
   for the Inception Score.
-- ``"mnist-dae"``: the code (B, 64) of a denoising autoencoder of MNIST digits, a second feature space that sees
-  strokes rather than classes (:mod:`dimo_lightning.metrics.strokes`).
+- ``"mnist-dae"``: a denoising autoencoder of MNIST digits, a second feature space that sees strokes rather than
+  classes (:mod:`dimo_lightning.metrics.strokes`): ``"strokes"`` (B, 144; code + pooled conv statistics,
+  standardised), the default for every metric, and ``"bottleneck"`` (B, 64; the code alone).
 - ``"inception-local"``: torch-fidelity's own InceptionV3 (``"inception-v3-compat"``), but only from a local weights
   file: torch-fidelity would otherwise download them from GitHub, which fails (slowly) on offline machines.
 
