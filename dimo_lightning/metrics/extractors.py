@@ -4,6 +4,9 @@
   ``"penultimate"`` (B, 128; the post-ReLU fc features divided by the classifier's fixed ``feature_scale``, their
   RMS on the train split), the default for FID / KID / precision-recall, and ``"logits"`` (B, 10), the default
   for the Inception Score.
+- ``"mnist-dae"``: a denoising autoencoder of MNIST digits, a second feature space that sees strokes rather than
+  classes (:mod:`dimo_lightning.metrics.strokes`): ``"strokes"`` (B, 144; code + pooled conv statistics,
+  standardised), the default for every metric, and ``"bottleneck"`` (B, 64; the code alone).
 - ``"inception-local"``: torch-fidelity's own InceptionV3 (``"inception-v3-compat"``), but only from a local weights
   file: torch-fidelity would otherwise download them from GitHub, which fails (slowly) on offline machines.
 
@@ -20,6 +23,7 @@ from torch_fidelity import FeatureExtractorBase, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from dimo_lightning.metrics.classifier import IMAGE_SIZE, load_classifier
+from dimo_lightning.metrics.strokes import StrokeFeatureExtractor
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
@@ -127,6 +131,7 @@ class InceptionLocalFeatureExtractor(FeatureExtractorInceptionV3):
 EXTRACTORS: dict[str, type[FeatureExtractorBase]] = {
     "mnist-cnn": MNISTFeatureExtractor,
     "inception-local": InceptionLocalFeatureExtractor,
+    "mnist-dae": StrokeFeatureExtractor,  # the stroke distance (metrics/strokes.py)
 }
 
 

@@ -204,6 +204,53 @@ class MaskTransformer(nn.Module):
             rows = self.tok_emb.weight[: self.codebook_size].float()
             return float(rows.pow(2).mean().sqrt())
 
+    def forward_features(
+        self,
+        image_embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        drop_label: torch.Tensor | None = None,
+        layers: tuple[int, ...] | list[int] = (),
+    ) -> list[torch.Tensor]:
+        """Hidden states of the trunk run on given image-token embeddings (the Soft-Di[M]O discriminator trunk).
+
+        The same submodules as :meth:`forward` (class token from ``tok_emb``, ``pos_emb``, ``first_layer``, the
+        transformer blocks), but the N image positions take ``image_embeddings`` instead of a table lookup, so
+        soft (expected) embeddings and mask-augmented sequences go through, and gradients reach the embeddings.
+        The blocks after the deepest requested layer are not run.
+
+        Args:
+            image_embeddings: (B, N, D) embeddings of the N image tokens (e.g. ``tok_emb(codes)``, or a soft
+                embedding ``softmax(z) @ tok_emb.weight[:K]``).
+            labels: (B,) class ids in [0, C).
+            drop_label: (B,) bool; True uses the null class.
+            layers: which hidden states to return: 0 is the output of ``first_layer`` (the transformer's input),
+                l in [1, depth] the output of block l.
+
+        Returns:
+            One (B, N + 1, D) tensor per entry of ``layers``, in that order (the class position is last).
+        """
+        if image_embeddings.ndim != 3 or image_embeddings.shape[1:] != (self.seq_len, self.hidden_dim):
+            raise ValueError(
+                f"image_embeddings must have shape (B, {self.seq_len}, {self.hidden_dim}), got "
+                f"{tuple(image_embeddings.shape)}"
+            )
+        depth = len(self.transformer.layers)
+        bad = [layer for layer in layers if not 0 <= layer <= depth]
+        if not layers or bad:
+            raise ValueError(f"layers must be a non-empty list of indices in [0, {depth}], got {list(layers)}")
+        class_ids = labels.long() + self.codebook_size + 1
+        if drop_label is not None:
+            class_ids = torch.where(drop_label, torch.full_like(class_ids, self.null_class_id), class_ids)
+        class_emb = self.tok_emb(class_ids)[:, None].to(image_embeddings.dtype)
+        x = torch.cat([image_embeddings, class_emb], dim=1) + self.pos_emb  # (B, N+1, D)
+        states = {0: self.first_layer(x)}
+        x = states[0]
+        for index, (attn, ff) in enumerate(self.transformer.layers[: max(layers)], start=1):
+            x = x + attn(x)
+            x = x + ff(x)
+            states[index] = x
+        return [states[layer] for layer in layers]
+
     def forward(
         self,
         codes: torch.Tensor,

@@ -313,6 +313,19 @@ class ClassConditionalTeacher(MaskedTeacher):
         h, w = self.grid_shape
         return self.tokenizer.decode(codes.reshape(-1, h, w))
 
+    def decode_soft(self, probs: torch.Tensor) -> torch.Tensor:
+        """Differentiable decode (Soft-Di[M]O): probabilities (B, N, K) over the K codes -> images (B, C, H, W).
+
+        The tokenizer decodes the expected codebook vector at each position (its ``decode_soft``); one-hot
+        probabilities give :meth:`decode` of their codes. Slice the mask slot off student logits before the softmax.
+        """
+        if probs.ndim != 3 or probs.shape[1:] != (self.seq_len, self.codebook_size):
+            raise ValueError(
+                f"probs must have shape (B, {self.seq_len}, {self.codebook_size}) (tokens, codes), got "
+                f"{tuple(probs.shape)}"
+            )
+        return self.tokenizer.decode_soft(probs, self.grid_shape)
+
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"

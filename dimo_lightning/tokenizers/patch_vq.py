@@ -110,3 +110,24 @@ class PatchVQTokenizer(nn.Module):
         p = self.patch_size
         patches = self.codebook[codes.to(self.codebook.device)].reshape(m, h, w, p, p)
         return patches.permute(0, 1, 3, 2, 4).reshape(m, 1, h * p, w * p).clamp(0, 1)
+
+    def decode_soft(self, probs: torch.Tensor, grid_shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """Differentiable decode of code probabilities: the expected patch ``probs @ codebook`` at each position.
+
+        Equals :meth:`decode` of the argmax codes when ``probs`` are one-hot. No clamping is needed: the codebook
+        lies in [0, 1], so any convex combination of its rows does too (and a clamp would cut gradients).
+
+        Args:
+            probs: (B, N, K) or (B, h, w, K) probabilities over the K codes (e.g. a student's softmax).
+            grid_shape: (h, w) for flat probs; None assumes a square grid.
+
+        Returns:
+            (B, 1, h*p, w*p) float32 images, differentiable in ``probs``.
+        """
+        from dimo_lightning.objectives.soft import expected_codebook, grid_probabilities
+
+        grid = grid_probabilities(probs, grid_shape)  # (B, h, w, K)
+        m, h, w, _ = grid.shape
+        p = self.patch_size
+        patches = expected_codebook(grid, self.codebook).reshape(m, h, w, p, p)
+        return patches.permute(0, 1, 3, 2, 4).reshape(m, 1, h * p, w * p)

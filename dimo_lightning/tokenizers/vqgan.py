@@ -360,6 +360,28 @@ class VQGANTokenizer(nn.Module):
         images = torch.cat([self.decode_latents(chunk).float() for chunk in chunks])
         return (images / 2 + 0.5).clamp(0.0, 1.0)
 
+    def decode_soft(self, probs: torch.Tensor, grid_shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """Differentiable decode of code probabilities: the decoder applied to the expected codebook vector.
+
+        ``latents = probs @ codebook`` per position, then :meth:`decode_latents`. Equals :meth:`decode` when
+        ``probs`` are one-hot. Not under ``no_grad``: gradients flow to ``probs`` (the weights stay frozen if the
+        tokenizer is). The final clamp to [0, 1] is :meth:`decode`'s; pixels outside it get no gradient.
+
+        Args:
+            probs: (B, N, K) or (B, h, w, K) probabilities over the K codes.
+            grid_shape: (h, w) for flat probs; None assumes a square grid.
+
+        Returns:
+            (B, out_ch, f*h, f*w) float32 images in [0, 1].
+        """
+        from dimo_lightning.objectives.soft import expected_codebook, grid_probabilities
+
+        grid = grid_probabilities(probs, grid_shape)  # (B, h, w, K)
+        latents = expected_codebook(grid, self.quantize.embedding.weight).permute(0, 3, 1, 2)  # (B, D, h, w)
+        dtype = self.quantize.embedding.weight.dtype
+        images = self.decode_latents(latents.to(dtype).contiguous()).float()
+        return (images / 2 + 0.5).clamp(0.0, 1.0)
+
     # ---- images -> codes -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
