@@ -12,7 +12,8 @@ python="${PYTHON:-python}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 if [ -n "${GPU_CHECK_DRY:-}" ]; then
-  extra=(--tiny --accelerator cpu --iterations 4 --warmup 1 --fid-samples 64 --batch-size 16)
+  extra=(--tiny --accelerator cpu --iterations 4 --warmup 1 --fid-samples 32 --batch-size 16)
+  : "${GPU_CHECK_TIMEOUT:=900}"   # Inception at 299 px on a CPU is slow
 else
   extra=(--iterations "${GPU_CHECK_ITERATIONS:-12}" --fid-samples "${GPU_CHECK_FID_SAMPLES:-1000}" --batch-size 64)
   "$python" - <<'PY'
