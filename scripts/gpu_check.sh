@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-runs/gpu_check}}"
-python="${PYTHON:-python}"
+python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && python=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
@@ -28,6 +28,5 @@ for strategy in ddp fsdp; do
   # One process per strategy: a clean device (peak memory) and a fresh process group each.
   timeout "${GPU_CHECK_TIMEOUT:-280}" "$python" -W ignore::UserWarning scripts/gpu_check.py \
     --strategy "$strategy" --precision bf16-mixed --out "$out/$strategy" "${extra[@]}" || status=$?
-  rm -rf "$out/$strategy/last.ckpt"     # multi-GB checkpoint: written to check it works, not to keep
 done
 exit $status
