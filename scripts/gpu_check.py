@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +30,6 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from dimo_lightning.callbacks.ema import StudentEMA
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.metrics.fidelity import to_uint8_images
 from dimo_lightning.metrics.pca import frechet_distance
 from dimo_lightning.module import DiMOModule
 from dimo_lightning.nn.transformer import MaskTransformer, count_parameters
@@ -99,26 +100,42 @@ class Speed(Callback):
         return len(timed) / sum(timed)
 
 
-def random_inception(device: torch.device):
-    """torch-fidelity's InceptionV3 (2048-d pool features) with random weights: its real cost, no download."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+def random_inception(device: torch.device, scratch: Path):
+    """An InceptionV3 with random weights (its real cost, no download) as ``uint8 (B, 3, H, W) -> (B, 2048)``:
+    torch-fidelity's, or torchvision's where torch-fidelity is not installed (the GPU image lacks it)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        import torchvision
+
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+        net.fc = torch.nn.Identity()
+        net = net.eval().to(device)
+        mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+
+        def torchvision_features(images: torch.Tensor) -> torch.Tensor:
+            x = torch.nn.functional.interpolate(images.float() / 255, size=(299, 299), mode="bilinear")
+            return net((x - mean) / std)
+
+        return torchvision_features
 
     original = FeatureExtractorInceptionV3.load_state_dict
     FeatureExtractorInceptionV3.load_state_dict = lambda self, *args, **kwargs: None  # keep the random init
     try:
-        path = Path(torch.hub.get_dir()) / "gpu_check_empty.pth"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = scratch / "empty_inception.pth"
         torch.save({}, path)
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        path.unlink()
     finally:
         FeatureExtractorInceptionV3.load_state_dict = original
-    return net.eval().to(device)
+    net = net.eval().to(device)
+    return lambda images: net(images)[0]
 
 
 @torch.no_grad()
 def features(extractor, images_uint8: torch.Tensor) -> np.ndarray:
-    (feats,) = extractor(images_uint8)
-    return feats.double().cpu().numpy()
+    return extractor(images_uint8).double().cpu().numpy()
 
 
 def statistics(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +149,7 @@ def fid_check(module: DiMOModule, num_samples: int, batch_size: int, precision: 
     sample grid (8 classes x 4) is written to ``out/grid.png``."""
     device = module.device
     teacher = module.teacher
-    extractor = random_inception(device)
+    extractor = random_inception(device, out)
     network = module.student_ema
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     generator = torch.Generator(device=device).manual_seed(0)
@@ -164,7 +181,7 @@ def fid_check(module: DiMOModule, num_samples: int, batch_size: int, precision: 
 def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
     from PIL import Image
 
-    uint8 = to_uint8_images(images.cpu())  # (B, C, H, W)
+    uint8 = (images.cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)  # (B, C, H, W)
     b, c, h, w = uint8.shape
     rows = math.ceil(b / columns)
     canvas = torch.zeros(c, rows * h, columns * w, dtype=torch.uint8)
@@ -212,13 +229,18 @@ def main() -> None:
     trainer.fit(module, ClassLabelDataModule(teacher.num_classes, args.batch_size, args.iterations + 1))
     fit_seconds = time.perf_counter() - start
     train_peak = speed.peak_memory_gib
-    trainer.save_checkpoint(args.out / "last.ckpt")  # a DCP directory under FSDP2
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # multi-GB: checked that it writes, not kept
+    start = time.perf_counter()
+    trainer.save_checkpoint(scratch / "last.ckpt")  # a DCP directory under FSDP2
+    checkpoint_seconds = time.perf_counter() - start
+    shutil.rmtree(scratch, ignore_errors=True)
     result = dict(
         strategy=args.strategy, precision=args.precision, batch_size=args.batch_size, tiny=args.tiny,
         parameters_per_network=count_parameters(teacher.network), vqgan_parameters=count_parameters(teacher.tokenizer),
         generator_steps=module.generator_step, skipped_steps=module.skipped_steps,
-        iterations_per_second=speed.iterations_per_second(), images_per_second=speed.iterations_per_second() * (
-            args.batch_size), fit_seconds=fit_seconds, peak_memory_train_gib=train_peak,
+        iterations_per_second=speed.iterations_per_second(),
+        images_per_second=speed.iterations_per_second() * args.batch_size,
+        peak_memory_train_gib=train_peak, fit_seconds=fit_seconds, checkpoint_seconds=checkpoint_seconds,
         loss_aux=float(trainer.callback_metrics["train/loss_aux"]),
         grad_norm_gen=float(trainer.callback_metrics["train/grad_norm_gen"]),
     )

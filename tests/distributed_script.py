@@ -22,6 +22,7 @@ from dimo_lightning.teachers.mnist import MNISTTeacher
 FIRST_STEPS = 3
 RESUMED_STEPS = 5
 NETWORKS = ("student", "aux", "student_ema")
+GRAD_CLIP = 0.05  # below every gradient norm of these runs: each step is clipped, with the global norm
 
 
 def step_lr(optimizer):
@@ -33,7 +34,7 @@ def build_module(teacher_dir: Path, max_generator_steps: int) -> DiMOModule:
     return DiMOModule(
         teacher, max_generator_steps=max_generator_steps, accumulate_micro_batches=2, r_init=[0.3, 0.9],
         emb_noise_sigma=0.3, emb_noise_schedule="linear", emb_noise_warmup_steps=10, seed=0,
-        scheduler_gen=step_lr, scheduler_aux=step_lr,
+        scheduler_gen=step_lr, scheduler_aux=step_lr, gen_grad_clip=GRAD_CLIP, aux_grad_clip=GRAD_CLIP,
     )
 
 
@@ -53,7 +54,7 @@ class Record(Callback):
     """Labels and local (un-reduced) losses per iteration, and the resumable state at the start of training."""
 
     def __init__(self):
-        self.labels, self.losses, self.start = [], [], None
+        self.labels, self.losses, self.norms, self.start = [], [], [], None
 
     def on_train_start(self, trainer, pl_module):
         sch_g, sch_a = pl_module.lr_schedulers()
@@ -70,6 +71,7 @@ class Record(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         metrics = trainer.callback_metrics
         self.losses.append((float(metrics["train/loss_gen"]), float(metrics["train/loss_aux"])))
+        self.norms.append((float(metrics["train/grad_norm_gen"]), float(metrics["train/grad_norm_aux"])))
 
 
 def full_weights(module: DiMOModule) -> dict[str, torch.Tensor]:
@@ -110,8 +112,9 @@ def main(mode: str, out: Path) -> None:
     with torch.no_grad():  # the sharded EMA runs a forward on every rank, as the evaluation callbacks do
         codes = module.generate(torch.arange(4) + 2 * trainer.global_rank, network=module.student_ema)
     result = dict(
-        rank=trainer.global_rank, labels=record.labels, losses=record.losses, generator_step=module.generator_step,
-        iteration=module.iteration, weights=full_weights(module), sharding=sharding_facts(module),
+        rank=trainer.global_rank, labels=record.labels, losses=record.losses, norms=record.norms,
+        generator_step=module.generator_step, iteration=module.iteration, weights=full_weights(module),
+        sharding=sharding_facts(module),
         codes=codes, ema_updates=next(c for c in trainer.callbacks if isinstance(c, StudentEMA)).num_updates,
         end_state=dict(sigma=module.current_sigma(), sched_gen=module.lr_schedulers()[0].state_dict()),
     )

@@ -18,6 +18,7 @@ import pytest
 import torch
 from distributed_script import (
     FIRST_STEPS,
+    GRAD_CLIP,
     NETWORKS,
     RESUMED_STEPS,
     Record,
@@ -76,6 +77,10 @@ def test_ranks_draw_differently_and_stay_in_sync(runs, mode):
     assert rank0["generator_step"] == rank1["generator_step"] == FIRST_STEPS
     assert rank0["labels"] != rank1["labels"]  # each rank draws its own conditions
     assert all(a != b for a, b in zip(rank0["losses"], rank1["losses"]))  # and its own noise
+    # the clipping norm is global (all-reduced gradients; under FSDP2 all shards of all ranks): the same on both
+    # ranks, and above the threshold, so every step was clipped with it
+    assert rank0["norms"] == rank1["norms"]
+    assert min(min(n) for n in rank0["norms"]) > GRAD_CLIP
     # every parameter of student, aux and EMA (full tensors; gathered from the shards under FSDP2)
     for name in NETWORKS:
         assert any(k.startswith(name + ".") for k in rank0["weights"]), name
@@ -96,6 +101,8 @@ def test_fsdp_shards_student_aux_and_ema_and_trains_like_ddp(runs):
     assert not results["ddp"][0]["sharding"]["student"]["dtensor"]
     ddp, fsdp = results["ddp"][0], results["fsdp"][0]
     assert ddp["weights"].keys() == fsdp["weights"].keys()
+    for a, b in zip(ddp["norms"], fsdp["norms"]):
+        assert a == pytest.approx(b, rel=1e-5)
     for phase in ("weights", "resumed_weights"):
         for key, value in ddp[phase].items():  # same seeds and data: only the reduction order differs
             torch.testing.assert_close(fsdp[phase][key], value, rtol=0, atol=1e-5, msg=f"{phase} {key}")

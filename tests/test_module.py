@@ -208,3 +208,26 @@ def test_labels_out_of_range_fail_before_the_step(tiny_teacher, tmp_path):
     with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\)"):
         make_trainer(tmp_path).fit(module, train_dataloaders=bad)
     assert module.iteration == 0
+
+
+def test_old_checkpoints_with_ema_in_the_callback_state_still_load(tiny_teacher, tmp_path):
+    """Checkpoints written before the EMA moved into the model's state dict kept it in the callback state."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    module = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=2)
+    make_trainer(tmp_path / "a", [ckpt, StudentEMA(0.9)]).fit(module, ClassLabelDataModule(10, 8, 4))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    ema_weights = {k.removeprefix("student_ema."): saved["state_dict"].pop(k)
+                   for k in [k for k in saved["state_dict"] if k.startswith("student_ema.")]}
+    key = next(k for k in saved["callbacks"] if "StudentEMA" in k)
+    saved["callbacks"][key] = {"num_updates": 2, "weights": ema_weights}
+    torch.save(saved, tmp_path / "old.ckpt")
+
+    ema = StudentEMA(0.9)
+    resumed = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=2)
+    make_trainer(tmp_path / "b", [ema]).validate(resumed, ClassLabelDataModule(10, 8, 2),
+                                                 ckpt_path=str(tmp_path / "old.ckpt"))
+    assert ema.num_updates == 2
+    for name, value in ema_weights.items():
+        assert torch.equal(resumed.student_ema.state_dict()[name], value), name
+    assert not torch.equal(resumed.student_ema.transformer.layers[0][0].fn.mha.in_proj_weight,
+                           resumed.student.transformer.layers[0][0].fn.mha.in_proj_weight)

@@ -237,3 +237,23 @@ def test_one_host_sync_per_optimizer_step(tiny_teacher, tmp_path, options):
     # two optimizer steps (generator and aux) per iteration, one skip decision each
     assert counter.counts == [2, 2, 2], counter.where
     assert all("on_before_optimizer_step" in where for _, where in counter.where), counter.where
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6])
+def test_clip_with_precomputed_norm(max_norm):
+    """One norm pass (parameters without .grad ignored), then scaling by min(1, max_norm / (norm + 1e-6))."""
+    from dimo_lightning.distributed import clip_grads_, global_grad_norm
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(
+        torch.randn(2))]
+    for p in params[:2]:
+        p.grad = torch.randn_like(p)
+    reference = [p.grad.clone() for p in params[:2]]
+    norm, plain = global_grad_norm(params)
+    torch.testing.assert_close(plain, torch.cat([g.flatten() for g in reference]).norm())
+    clip_grads_(params, max_norm, norm)
+    scale = 1.0 if max_norm <= 0 else min(1.0, max_norm / (float(plain) + 1e-6))
+    for p, g in zip(params[:2], reference):
+        torch.testing.assert_close(p.grad, g * scale)
+    assert params[2].grad is None
