@@ -29,6 +29,20 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 28
 
 
+def uint8_digits(x: torch.Tensor, extractor: str) -> torch.Tensor:
+    """What torch-fidelity hands a feature extractor, uint8 images (B, 3, 28, 28) or (B, 1, 28, 28), as grey digits
+    (B, 1, 28, 28) float in [0, 1]; anything else is a clear error naming ``extractor``."""
+    if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] in (1, 3)):
+        raise ValueError(
+            f"{extractor} expects uint8 images (B, 3, H, W) or (B, 1, H, W), got "
+            f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}"
+        )
+    if x.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{extractor} expects {IMAGE_SIZE}x{IMAGE_SIZE} images, got {x.shape[2]}x{x.shape[3]}")
+    # Grey images reach torch-fidelity as three equal channels: any one of them is the digit.
+    return x[:, :1].float() / 255.0
+
+
 class MNISTClassifier(nn.Module):
     """conv 32 -> pool -> conv 64 -> pool -> fc 128 (penultimate features) -> fc 10.
 

@@ -22,7 +22,7 @@ import torch
 from torch_fidelity import FeatureExtractorBase, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from dimo_lightning.metrics.classifier import IMAGE_SIZE, load_classifier
+from dimo_lightning.metrics.classifier import IMAGE_SIZE, load_classifier, uint8_digits
 from dimo_lightning.metrics.strokes import StrokeFeatureExtractor
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -64,15 +64,7 @@ class MNISTFeatureExtractor(FeatureExtractorBase):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """uint8 images (B, 3, 28, 28) or (B, 1, 28, 28) -> the requested features, each (B, D) float32."""
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] in (1, 3)):
-            raise ValueError(
-                f"mnist-cnn expects uint8 images (B, 3, H, W) or (B, 1, H, W), got "
-                f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}"
-            )
-        if x.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"mnist-cnn expects 28x28 images, got {x.shape[2]}x{x.shape[3]}")
-        # Grey images reach torch-fidelity as three equal channels: any one of them is the digit.
-        images = x[:, :1].float() / 255.0  # (B, 1, 28, 28)
+        images = uint8_digits(x, "mnist-cnn")  # (B, 1, 28, 28)
         features = self.classifier.features(images)  # (B, 128)
         out = {"penultimate": features / self.classifier.feature_scale}
         if "logits" in self.features_list:

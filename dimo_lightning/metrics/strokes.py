@@ -37,6 +37,7 @@ from torch import nn
 from torch_fidelity import FeatureExtractorBase
 
 from dimo_lightning.assets import asset_path
+from dimo_lightning.metrics.classifier import uint8_digits
 
 DAE_ASSET = "mnist_dae.safetensors"
 CODE_DIM = 64
@@ -260,13 +261,6 @@ class StrokeFeatureExtractor(FeatureExtractorBase):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """uint8 images (B, 3, 28, 28) or (B, 1, 28, 28) -> the requested features: (B, 144) / (B, 64) float32."""
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] in (1, 3)):
-            raise ValueError(
-                f"mnist-dae expects uint8 images (B, 3, H, W) or (B, 1, H, W), got "
-                f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}"
-            )
-        if x.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"mnist-dae expects 28x28 images, got {x.shape[2]}x{x.shape[3]}")
-        features = self.autoencoder.metric_features(x[:, :1].float() / 255.0)  # (B, 144)
+        features = self.autoencoder.metric_features(uint8_digits(x, "mnist-dae"))  # (B, 144)
         out = {"strokes": features, "bottleneck": features[:, :CODE_DIM]}
         return tuple(out[name] for name in self.features_list)
