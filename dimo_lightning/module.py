@@ -643,6 +643,10 @@ class DiMOModule(pl.LightningModule):
         if "state_dict" not in checkpoint:
             return  # a distributed (DCP) checkpoint: the strategy has loaded (and checked) the weights already
         state = checkpoint["state_dict"]
+        if not hasattr(self, "student_ema") and any(k.startswith("student_ema.") for k in state):
+            # Rebuilt outside a trainer with a StudentEMA (load_from_checkpoint): keep the checkpoint's average as
+            # the `student_ema` submodule that StudentEMA would have attached, rather than dropping it.
+            self.add_module("student_ema", copy.deepcopy(self.student).eval().requires_grad_(False))
         for key in [k for k in self.state_dict() if k.startswith("student_ema.") and k not in state]:
             # Written without a StudentEMA (or by an older version that kept it in the callback state): the
             # average starts from the resumed student.

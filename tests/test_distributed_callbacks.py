@@ -3,6 +3,7 @@ ranks, only rank zero writes the run's files, and predict writes each global ind
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,13 @@ from dimo_lightning.callbacks.writer import iter_prediction_shards, read_predict
 def test_shipped_callbacks_under_two_rank_ddp(tmp_path):
     script = Path(__file__).with_name("ddp_callbacks_script.py")
     path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    # A fresh rendezvous port, and no rank variables inherited from an in-process run earlier in the session (a
+    # MASTER_PORT left in os.environ may still be bound by that run's store: EADDRINUSE).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    env.update({"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -154,6 +154,12 @@ def test_load_from_checkpoint_rebuilds_the_teacher(trained):
         assert torch.equal(rebuilt.student.state_dict()[key], value), key
     for key, value in module.teacher.state_dict().items():
         assert torch.equal(rebuilt.teacher.state_dict()[key], value), key
+    # the EMA average comes back too, and is what evaluation samples from
+    from dimo_lightning.callbacks.ema import evaluation_student
+
+    assert evaluation_student(rebuilt) is rebuilt.student_ema
+    for key, value in trained["ema"].module.state_dict().items():
+        assert torch.equal(rebuilt.student_ema.state_dict()[key], value), key
     labels = torch.tensor([1, 2])
     assert torch.equal(rebuilt.generate(labels, generator=torch.Generator().manual_seed(3)),
                        module.generate(labels, generator=torch.Generator().manual_seed(3)))

@@ -143,9 +143,12 @@ class StudentEMA(Callback):
 
 
 def evaluation_student(pl_module: pl.LightningModule) -> nn.Module:
-    """The network to evaluate: the StudentEMA average when the trainer has one, else the raw student."""
+    """The network to evaluate: the StudentEMA average when the trainer has one (or, for a module rebuilt with
+    ``load_from_checkpoint``, the average it loaded), else the raw student."""
     trainer = getattr(pl_module, "_trainer", None)
     for callback in trainer.callbacks if trainer is not None else []:
         if isinstance(callback, StudentEMA):
             return callback.averaged_student(pl_module)
+    if trainer is None and isinstance(getattr(pl_module, EMA_ATTRIBUTE, None), nn.Module):
+        return getattr(pl_module, EMA_ATTRIBUTE)
     return pl_module.student
