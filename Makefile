@@ -36,6 +36,7 @@ demo: install ## The main job: distill the MNIST teacher on CPU and print the ev
 assets: install ## Rebuild the shipped assets (codebook, metric classifier, teacher) from scratch
 	$(BIN)/python -m dimo_lightning.assets.build codebook
 	$(BIN)/python -m dimo_lightning.assets.build classifier
+	$(BIN)/python -m dimo_lightning.assets.build captions
 	$(BIN)/dimo fit --config configs/mnist/teacher.yaml --trainer.logger.init_args.name=mnist_teacher_assets
 	$(BIN)/python -m dimo_lightning.assets.build teacher "$$(ls -d runs/mnist_teacher_assets/version_* | sort -V | tail -1)"
 

@@ -2,6 +2,7 @@
 
     python -m dimo_lightning.assets.build codebook      # k-means PatchVQ codebook of the MNIST train split
     python -m dimo_lightning.assets.build teacher RUN   # copy the teacher exported by `dimo fit` into assets/
+    python -m dimo_lightning.assets.build captions      # captioned-MNIST thickness/slant tercile cuts (train split)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def install_teacher(run_dir: str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("codebook", "teacher", "classifier"):
+    if not argv or argv[0] not in ("codebook", "teacher", "classifier", "captions"):
         raise SystemExit(__doc__)
     if argv[0] == "codebook":
         print(f"wrote {build_codebook()}")
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("usage: python -m dimo_lightning.assets.build teacher RUN_DIR")
         for path in install_teacher(argv[1]):
             print(f"wrote {path}")
+    elif argv[0] == "captions":
+        from dimo_lightning.data.captions import build_thresholds_asset
+
+        print(f"wrote {build_thresholds_asset()}")
     else:
         from dimo_lightning.metrics.classifier import build_classifier_asset
 
