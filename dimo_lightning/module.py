@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from dimo_lightning.conditions import move_condition, split_condition
 from dimo_lightning.losses import aux_loss, distribution_matching_grad, finite_rows, generator_loss
 from dimo_lightning.masking import (
     MASK_SCHEDULES,
@@ -328,10 +329,8 @@ class DiMOModule(pl.LightningModule):
         opt_g, opt_a = self.optimizers()
         schedulers = self.lr_schedulers()
         sch_g, sch_a = (schedulers if isinstance(schedulers, list) else (None, None)) if schedulers else (None, None)
-        cond = self.teacher.encode_condition(batch)
-        if isinstance(cond, torch.Tensor):
-            cond = cond.to(self.device)
-        micro_conds = self._split(cond, hp.accumulate_micro_batches)
+        cond = move_condition(self.teacher.encode_condition(batch), self.device)
+        micro_conds = split_condition(cond, hp.accumulate_micro_batches)
         r_init = self.draw_r_init(generator)
         sigma = self.current_sigma()
         logs: dict[str, Any] = {"train/r_init": r_init, "train/sigma": sigma}
@@ -349,17 +348,6 @@ class DiMOModule(pl.LightningModule):
         shown = {k: logs.pop(k) for k in ("train/loss_gen", "train/loss_aux") if k in logs}
         self.log_dict(shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch_size)
-
-    def _split(self, cond: Any, parts: int) -> list[Any]:
-        if parts == 1:
-            return [cond]
-        if not isinstance(cond, torch.Tensor):
-            raise ValueError("accumulate_micro_batches > 1 needs tensor conditions")
-        if cond.shape[0] % parts:
-            raise ValueError(
-                f"batch size {cond.shape[0]} is not divisible by accumulate_micro_batches={parts}"
-            )
-        return list(cond.chunk(parts))
 
     def _generator_update(self, opt_g, sch_g, micro_conds, r_init, sigma, generator):
         hp = self.hparams
@@ -475,8 +463,7 @@ class DiMOModule(pl.LightningModule):
         from dimo_lightning.callbacks.ema import evaluation_student
 
         hp = self.hparams
-        cond = self.teacher.encode_condition(batch)
-        cond = cond.to(self.device) if isinstance(cond, torch.Tensor) else cond
+        cond = move_condition(self.teacher.encode_condition(batch), self.device)
         generator = self._generator((hp.predict_seed * 1_000_003 + self.global_rank * 7_919 + batch_idx) % 2**62)
         if hp.predict_with == "teacher":
             codes = self.teacher.sample(cond, steps=hp.predict_teacher_steps, cfg_scale=hp.teacher_cfg_scale,
