@@ -195,6 +195,14 @@ def _render(template: str, digit: int, thickness: str, slant_name: str, rng: ran
     return template.format(**fields)
 
 
+def caption_vocabulary() -> list[str]:
+    """Every lower-case word the caption templates can produce (sorted): the vocabulary of a word-level tokenizer."""
+    texts = [t.replace("{a}", "a an") for t in TEMPLATES] + list(DIGIT_WORDS) + [str(d) for d in range(NUM_CLASSES)]
+    texts += [w for words in (*THICKNESS_WORDS.values(), *SLANT_ADJECTIVES.values(), *SLANT_PHRASES.values())
+              for w in words]
+    return sorted({w for text in texts for w in re.findall(r"[a-z0-9]+", re.sub(r"\{\w+\}", " ", text.lower()))})
+
+
 _WORD_TO_DIGIT = {**{w: i for i, w in enumerate(DIGIT_WORDS)}, **{str(i): i for i in range(NUM_CLASSES)}}
 _WORD_TO_THICKNESS = {w: t for t, words in THICKNESS_WORDS.items() for w in words}
 
