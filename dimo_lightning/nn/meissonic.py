@@ -301,8 +301,9 @@ class DualStreamBlock(nn.Module):
         h = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         x = x + gate_mlp[:, None] * self.ff(h)
         context = context + c_gate_msa[:, None] * ctx_attn
-        h = F.layer_norm(context, context.shape[-1:], eps=LAYER_NORM_EPS) * (1 + c_scale_mlp[:, None])
-        context = context + c_gate_mlp[:, None] * self.ff_context(h + c_shift_mlp[:, None])
+        h = F.layer_norm(context, context.shape[-1:], eps=LAYER_NORM_EPS)
+        h = h * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        context = context + c_gate_mlp[:, None] * self.ff_context(h)
         if context.dtype == torch.float16:  # the reference clips to keep fp16 text states finite
             context = context.clip(-65504, 65504)
         return context, x
