@@ -19,10 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from dimo_lightning.assets import asset_path
 from dimo_lightning.conditions import TextCondition, condition_batch_size, repeat_condition
 from dimo_lightning.nn.meissonic import MeissonicTransformer
 from dimo_lightning.teachers.base import MaskedTeacher
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
+
+T2I_TEACHER_ASSET = "mnist_t2i_teacher"  # the shipped captioned-MNIST teacher folder under assets/
 
 
 class TextConditionalTeacher(MaskedTeacher):
@@ -162,7 +165,8 @@ class PromptTeacher(TextConditionalTeacher):
     (``hidden_states[-2]``, no final LayerNorm) and the pooled embedding its ``text_embeds`` (spec section 6).
 
     Args:
-        path: the teacher folder.
+        path: the teacher folder; None loads the shipped captioned-MNIST teacher (``assets/mnist_t2i_teacher``,
+            rebuilt by ``make assets``).
         codebook: the PatchVQ codebook (safetensors) that decodes the codes; None uses ``path/codebook.safetensors``.
         grid_size: token grid side (7 for 28x28 MNIST with 4x4 patches).
         max_length: tokenizer length; None uses the text encoder's ``max_position_embeddings``.
@@ -173,7 +177,7 @@ class PromptTeacher(TextConditionalTeacher):
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
         codebook: str | None = None,
         grid_size: int = 7,
         max_length: int | None = None,
@@ -184,12 +188,12 @@ class PromptTeacher(TextConditionalTeacher):
         super().__init__(grid_size, negative_prompt, timestep, micro_conds)
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-        root = Path(path)
+        root = Path(path) if path is not None else asset_path(T2I_TEACHER_ASSET)
         for sub in ("transformer", "text_encoder", "tokenizer"):
             if not (root / sub).is_dir():
                 raise FileNotFoundError(
                     f"prompt teacher folder {root} lacks {sub}/ (expected the diffusers layout transformer/, "
-                    "text_encoder/, tokenizer/)"
+                    "text_encoder/, tokenizer/)" + ("; `make assets` rebuilds the shipped one" if path is None else "")
                 )
         self.network = MeissonicTransformer.from_pretrained(root / "transformer")
         codebook_path = Path(codebook) if codebook is not None else root / "codebook.safetensors"
