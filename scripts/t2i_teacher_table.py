@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"steps {steps}: FID {row['fid']:.3f} class {row['class_accuracy']:.3f} thickness "
               f"{row['thickness_accuracy']:.3f} slant {row['slant_accuracy']:.3f}", flush=True)
-    settings = (f"{args.num_samples} held-out prompts (eval_prompts), CFG {args.cfg_scale} (ramped, unconditional: "
-                f"{args.negative_prompt!r} if given else the empty prompt), choice temperature "
-                f"{args.choice_temperature}, seed {args.seed}; FID etc. against mnist-val, mnist-cnn features")
+    unconditional = f"the negative prompt {args.negative_prompt!r}" if args.negative_prompt else "the empty prompt"
+    settings = (f"{args.num_samples} held-out prompts (eval_prompts), CFG {args.cfg_scale} ramped from 1 "
+                f"(unconditional branch: {unconditional}), choice temperature {args.choice_temperature}, seed "
+                f"{args.seed}; FID / precision / recall against mnist-val with the mnist-cnn features")
     table = format_rows(rows)
     print(table + "\n\n" + settings)
     if args.out:
