@@ -204,7 +204,7 @@ def test_prompt_teacher_folder_errors(tmp_path):
         PromptTeacher(str(folder))
 
 
-# ---- the shipped captioned-MNIST teacher (assets/mnist_t2i_teacher, `make assets`) ------------------------------------
+# ---- the shipped captioned-MNIST teacher (assets/mnist_t2i_teacher, `make assets`) -----------------------------------
 def test_shipped_t2i_teacher_loads_by_default_and_follows_prompts():
     from dimo_lightning.assets import asset_path
     from dimo_lightning.data.captions import eval_prompts, prompt_faithfulness
