@@ -37,7 +37,8 @@ def load_teacher(teacher: str | None, checkpoint: str | None, negative_prompt: s
 
 @torch.no_grad()
 def evaluate_steps(teacher, prompts: list[str], steps: int, cfg_scale: float, choice_temperature: float,
-                   batch_size: int, seed: int, classifier) -> tuple[dict[str, tuple[int, int]], torch.Tensor, float]:
+                   batch_size: int, seed: int, classifier, cfg_ramp: bool = True,
+                   ) -> tuple[dict[str, tuple[int, int]], torch.Tensor, float]:
     """Sample one image per prompt -> (attribute hit counts, uint8 images (M, 1, 28, 28), images/s of sampling)."""
     from dimo_lightning.data.captions import attribute_hits
     from dimo_lightning.metrics.classifier import predict
@@ -50,8 +51,8 @@ def evaluate_steps(teacher, prompts: list[str], steps: int, cfg_scale: float, ch
         batch = prompts[start : start + batch_size]
         t0 = time.perf_counter()
         cond = teacher.encode_condition(batch)
-        codes = teacher.sample(cond, steps=steps, cfg_scale=cfg_scale, choice_temperature=choice_temperature,
-                               generator=generator)
+        codes = teacher.sample(cond, steps=steps, cfg_scale=cfg_scale, cfg_ramp=cfg_ramp,
+                               choice_temperature=choice_temperature, generator=generator)
         elapsed += time.perf_counter() - t0
         images = teacher.decode(codes).float().reshape(len(batch), 28, 28).clamp(0, 1)
         for name, (hits, judged) in attribute_hits(images, batch, predict(classifier, images)).items():
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", default="1,2,4,8,16", help="comma-separated MaskGIT step counts")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--cfg-ramp", action=argparse.BooleanOptionalAction, default=True,
+                        help="ramp the guidance from 1 at the first step to --cfg-scale at the last (default)")
     parser.add_argument("--choice-temperature", type=float, default=16.0)
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--batch-size", type=int, default=250)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for steps in step_counts:
         hits, images, speed = evaluate_steps(teacher, prompts, steps, args.cfg_scale, args.choice_temperature,
-                                             args.batch_size, args.seed, classifier)
+                                             args.batch_size, args.seed, classifier, args.cfg_ramp)
         metrics = compute_metrics(images, reference, extractor="mnist-cnn")
         row = {"steps": steps, "fid": metrics["fid"], "precision": metrics["precision"],
                "recall": metrics["recall"], "images_per_s": speed,
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"steps {steps}: FID {row['fid']:.3f} class {row['class_accuracy']:.3f} thickness "
               f"{row['thickness_accuracy']:.3f} slant {row['slant_accuracy']:.3f}", flush=True)
     unconditional = f"the negative prompt {args.negative_prompt!r}" if args.negative_prompt else "the empty prompt"
-    settings = (f"{args.num_samples} held-out prompts (eval_prompts), CFG {args.cfg_scale} ramped from 1 "
+    settings = (f"{args.num_samples} held-out prompts (eval_prompts), CFG {args.cfg_scale} "
+                f"{'ramped from 1' if args.cfg_ramp else 'constant'} "
                 f"(unconditional branch: {unconditional}), choice temperature {args.choice_temperature}, seed "
                 f"{args.seed}; FID / precision / recall against mnist-val with the mnist-cnn features")
     table = format_rows(rows)
