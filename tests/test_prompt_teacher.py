@@ -238,3 +238,22 @@ def test_package_data_globs_cover_every_shipped_asset_file():
     shipped = {p for p in ASSET_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert shipped - covered == set()
     assert any("mnist_t2i_teacher" in p.parts for p in shipped)
+
+
+def test_install_t2i_teacher_replaces_the_asset_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from dimo_lightning.assets import asset_path, build
+
+    run = tmp_path / "version_0"
+    shutil.copytree(asset_path("mnist_t2i_teacher"), run / "t2i_teacher")
+    target = tmp_path / "assets"
+    (target / "mnist_t2i_teacher" / "stale").mkdir(parents=True)  # left over from an older layout
+    monkeypatch.setattr(build, "asset_path", lambda name: target / name)
+    installed = build.install_t2i_teacher(str(run))
+    files = sorted(p.relative_to(installed) for p in installed.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(run / "t2i_teacher") for p in (run / "t2i_teacher").rglob("*") if p.is_file())
+    assert not (installed / "stale").exists()
+    shutil.rmtree(run / "t2i_teacher" / "text_encoder")
+    with pytest.raises(FileNotFoundError, match="lacks text_encoder"):
+        build.install_t2i_teacher(str(run))
