@@ -33,12 +33,15 @@ format: install ## Ruff format and import sorting
 demo: install ## The main job: distill the MNIST teacher on CPU and print the evaluation table
 	$(BIN)/dimo fit --config configs/mnist/dimo.yaml
 
-assets: install ## Rebuild the shipped assets (codebook, metric classifier, stroke autoencoder, teacher) from scratch
+assets: install ## Rebuild the shipped assets (codebook, classifier, stroke autoencoder, caption cuts, both teachers)
 	$(BIN)/python -m dimo_lightning.assets.build codebook
 	$(BIN)/python -m dimo_lightning.assets.build classifier
 	$(BIN)/python -m dimo_lightning.assets.build dae
+	$(BIN)/python -m dimo_lightning.assets.build captions
 	$(BIN)/dimo fit --config configs/mnist/teacher.yaml --trainer.logger.init_args.name=mnist_teacher_assets
 	$(BIN)/python -m dimo_lightning.assets.build teacher "$$(ls -d runs/mnist_teacher_assets/version_* | sort -V | tail -1)"
+	$(BIN)/dimo fit --config configs/mnist/t2i_teacher.yaml --trainer.logger.init_args.name=mnist_t2i_teacher_assets
+	$(BIN)/python -m dimo_lightning.assets.build t2i_teacher "$$(ls -d runs/mnist_t2i_teacher_assets/version_* | sort -V | tail -1)"
 
 clean: ## Remove the virtual environment and run outputs
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache *.egg-info

@@ -27,6 +27,7 @@ from torch import nn
 from typing_extensions import override
 
 from dimo_lightning import speed
+from dimo_lightning.conditions import move_condition, split_condition
 from dimo_lightning.consistency import check_data_matches_module, check_teacher_unchanged
 from dimo_lightning.distributed import clip_grads_, global_grad_norm, is_sharded, shard_network
 from dimo_lightning.export import checkpoint_records
@@ -386,10 +387,8 @@ class DiMOModule(pl.LightningModule):
         opt_g, opt_a = self.optimizers()
         schedulers = self.lr_schedulers()
         sch_g, sch_a = (schedulers if isinstance(schedulers, list) else (None, None)) if schedulers else (None, None)
-        cond = self.teacher.encode_condition(batch)
-        if isinstance(cond, torch.Tensor):
-            cond = cond.to(self.device)
-        micro_conds = self._split(cond, hp.accumulate_micro_batches)
+        cond = move_condition(self.teacher.encode_condition(batch), self.device)
+        micro_conds = split_condition(cond, hp.accumulate_micro_batches)
         sigma = self.current_sigma()
         logs: dict[str, Any] = {"train/r_init": r_init, "train/sigma": sigma}
 
@@ -407,17 +406,6 @@ class DiMOModule(pl.LightningModule):
         shown = {k: logs.pop(k) for k in ("train/loss_gen", "train/loss_aux") if k in logs}
         self.log_dict(shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch_size)
-
-    def _split(self, cond: Any, parts: int) -> list[Any]:
-        if parts == 1:
-            return [cond]
-        if not isinstance(cond, torch.Tensor):
-            raise ValueError("accumulate_micro_batches > 1 needs tensor conditions")
-        if cond.shape[0] % parts:
-            raise ValueError(
-                f"batch size {cond.shape[0]} is not divisible by accumulate_micro_batches={parts}"
-            )
-        return list(cond.chunk(parts))
 
     def _generator_update(self, opt_g, sch_g, micro_conds, r_init, sigma, generator):
         hp = self.hparams
@@ -596,8 +584,7 @@ class DiMOModule(pl.LightningModule):
 
         hp = self.hparams
         conditions, index = (batch["conditions"], batch["index"]) if isinstance(batch, dict) else (batch, None)
-        cond = self.teacher.encode_condition(conditions)
-        cond = cond.to(self.device) if isinstance(cond, torch.Tensor) else cond
+        cond = move_condition(self.teacher.encode_condition(conditions), self.device)
         # seeded by the first global index when known: the same samples on any number of ranks
         offset = int(index[0]) if index is not None and len(index) else self.global_rank * 7_919 + batch_idx
         generator = self._generator((hp.predict_seed * 1_000_003 + offset) % 2**62)

@@ -3,6 +3,8 @@
     python -m dimo_lightning.assets.build codebook      # k-means PatchVQ codebook of the MNIST train split
     python -m dimo_lightning.assets.build teacher RUN   # copy the teacher exported by `dimo fit` into assets/
     python -m dimo_lightning.assets.build dae           # denoising autoencoder of the stroke distance
+    python -m dimo_lightning.assets.build captions      # captioned-MNIST thickness/slant tercile cuts (train split)
+    python -m dimo_lightning.assets.build t2i_teacher RUN   # copy RUN/t2i_teacher/ (configs/mnist/t2i_teacher.yaml)
 """
 
 from __future__ import annotations
@@ -42,9 +44,27 @@ def install_teacher(run_dir: str) -> list[Path]:
     return copied
 
 
+def install_t2i_teacher(run_dir: str) -> Path:
+    """Replace ``assets/mnist_t2i_teacher/`` by the folder ``RUN/t2i_teacher`` that TextMaskedDiffusionModule
+    exported (diffusers layout: ``transformer/``, ``text_encoder/``, ``tokenizer/``, ``codebook.safetensors``)."""
+    from dimo_lightning.teachers.prompt import T2I_TEACHER_ASSET
+
+    src = Path(run_dir) / "t2i_teacher"
+    expected = ("transformer", "text_encoder", "tokenizer", "codebook.safetensors")
+    missing = [name for name in expected if not (src / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{src} lacks {', '.join(missing)}: run `dimo fit --config "
+                                "configs/mnist/t2i_teacher.yaml` first and pass its log directory")
+    dst = asset_path(T2I_TEACHER_ASSET)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("codebook", "teacher", "classifier", "dae"):
+    if not argv or argv[0] not in ("codebook", "teacher", "classifier", "dae", "captions", "t2i_teacher"):
         raise SystemExit(__doc__)
     if argv[0] == "codebook":
         print(f"wrote {build_codebook()}")
@@ -57,6 +77,14 @@ def main(argv: list[str] | None = None) -> None:
         from dimo_lightning.metrics.strokes import build_autoencoder_asset
 
         print(f"wrote {build_autoencoder_asset()}")
+    elif argv[0] == "t2i_teacher":
+        if len(argv) != 2:
+            raise SystemExit("usage: python -m dimo_lightning.assets.build t2i_teacher RUN_DIR")
+        print(f"wrote {install_t2i_teacher(argv[1])}")
+    elif argv[0] == "captions":
+        from dimo_lightning.data.captions import build_thresholds_asset
+
+        print(f"wrote {build_thresholds_asset()}")
     else:
         from dimo_lightning.metrics.classifier import build_classifier_asset
 

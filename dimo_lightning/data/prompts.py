@@ -1,0 +1,279 @@
+"""PromptDataModule: the data-free condition source of text-to-image teachers (prompts are the only data).
+
+Prompts come from a ``.txt`` file (one prompt per line), a ``.jsonl`` file (one ``{"prompt": ...}`` object per line)
+or a built-in generator named ``package.module:function`` (a callable without arguments returning the prompts, e.g.
+``dimo_lightning.data.captions:train_prompts``). Files are indexed by line offsets and read lazily, so a caption list
+of millions of lines costs 8 bytes per prompt in memory, not the strings.
+
+The training stream: pass e over the M prompts is a permutation seeded by (seed, e); global sample s is
+``perm_{s // M}[s % M]``; rank r's batch j holds the global samples ``((j * world + r) * B + i)``. So ranks get
+disjoint, deterministic streams that together visit every prompt once per pass, and the position (j) is saved in
+Lightning checkpoints (as :class:`~dimo_lightning.data.labels.ClassLabelDataModule` does), so resume is exact.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from dimo_lightning.data.labels import ResumableLoader, _rank_and_world
+
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+class PromptFile(Sequence):
+    """The prompts of a ``.txt`` / ``.jsonl`` file, validated once and read lazily by line offset.
+
+    Args:
+        path: the file.
+        what: the argument it came from (named in errors).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: empty file, blank line, invalid JSON, a line that is not an object with a non-empty string
+            ``"prompt"``, or undecodable UTF-8; the message names the file and the 1-based line number.
+    """
+
+    def __init__(self, path: str | Path, what: str = "prompts") -> None:
+        self.path = Path(path)
+        if self.path.suffix not in PROMPT_FILE_SUFFIXES:
+            raise ValueError(f"{what}: {self.path} must end in .txt or .jsonl")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{what}: prompt file not found: {self.path}")
+        self.jsonl = self.path.suffix == ".jsonl"
+        offsets = []
+        with self.path.open("rb") as f:
+            offset = 0
+            for number, raw in enumerate(f, start=1):
+                self._parse(raw, number)  # validate every line once
+                offsets.append(offset)
+                offset += len(raw)
+        if not offsets:
+            raise ValueError(f"{what}: prompt file {self.path} is empty")
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+
+    def _parse(self, raw: bytes, number: int) -> str:
+        where = f"{self.path}:{number}"
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}: not UTF-8 ({err})") from err
+        if not line.strip():
+            raise ValueError(f"{where}: blank line (every line must hold one prompt)")
+        if not self.jsonl:
+            return line
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise ValueError(f'{where}: expected an object with a "prompt" field')
+        prompt = record["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f'{where}: "prompt" must be a non-empty string, got {prompt!r}')
+        return prompt
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        with self.path.open("rb") as f:
+            f.seek(int(self.offsets[index]))
+            return self._parse(f.readline(), index + 1)
+
+    def take(self, indices: Sequence[int]) -> list[str]:
+        """The prompts at ``indices`` with one open file."""
+        out = []
+        with self.path.open("rb") as f:
+            for index in indices:
+                f.seek(int(self.offsets[int(index)]))
+                out.append(self._parse(f.readline(), int(index) + 1))
+        return out
+
+
+def load_prompts(source: str, what: str = "prompts") -> Sequence[str]:
+    """Prompts from a ``.txt`` / ``.jsonl`` path or a ``package.module:function`` generator (no arguments).
+
+    Raises:
+        FileNotFoundError / ValueError: see :class:`PromptFile`; a generator that cannot be imported or returns no
+            prompts, an empty prompt or a non-string raises ``ValueError`` naming ``what``.
+    """
+    if Path(source).suffix in PROMPT_FILE_SUFFIXES:
+        return PromptFile(source, what)
+    if ":" not in source:
+        raise ValueError(
+            f"{what}: {source!r} is neither a .txt/.jsonl prompt file nor a `package.module:function` generator"
+        )
+    module_name, _, attr = source.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{what}: cannot import prompt generator {source!r}: {err}") from err
+    prompts = list(fn())
+    if not prompts:
+        raise ValueError(f"{what}: prompt generator {source!r} returned no prompts")
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()), None)
+    if bad is not None:
+        raise ValueError(f"{what}: prompt generator {source!r} returned an empty or non-string prompt at {bad}")
+    return prompts
+
+
+def _take(prompts: Sequence[str], indices: Sequence[int]) -> list[str]:
+    return prompts.take(indices) if isinstance(prompts, PromptFile) else [prompts[int(i)] for i in indices]
+
+
+def pass_permutation(num_prompts: int, seed: int, pass_index: int, shuffle: bool = True) -> torch.Tensor:
+    """Order (M,) of the prompts in pass ``pass_index`` of the training stream (identity without shuffling)."""
+    if not shuffle:
+        return torch.arange(num_prompts)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + pass_index * 104_729 + 11) % (2**63 - 1))
+    return torch.randperm(num_prompts, generator=generator)
+
+
+class PromptStream(IterableDataset):
+    """Yields ``batches_per_epoch`` prompt batches (lists of B strings) per pass, continuing from ``position``.
+
+    Args:
+        prompts: the training prompts.
+        batch_size: prompts per batch (per rank).
+        batches_per_epoch: batches per Lightning epoch.
+        seed: seed of the per-pass shuffling (the same on every rank: ranks interleave one global order).
+        shuffle: shuffle each pass; False keeps file order.
+    """
+
+    def __init__(self, prompts: Sequence[str], batch_size: int, batches_per_epoch: int, seed: int,
+                 shuffle: bool = True) -> None:
+        super().__init__()
+        self.prompts = prompts
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.shuffle = shuffle
+        self.position = 0  # index j of the next batch of this rank
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _permutation(self, pass_index: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != pass_index:
+            self._cached = (pass_index, pass_permutation(len(self.prompts), self.seed, pass_index, self.shuffle))
+        return self._cached[1]
+
+    def batch_indices(self, index: int, rank: int, world_size: int) -> list[int]:
+        """Prompt indices of batch ``index`` of ``rank`` among ``world_size`` ranks."""
+        m = len(self.prompts)
+        start = (index * world_size + rank) * self.batch_size
+        return [int(self._permutation(s // m)[s % m]) for s in range(start, start + self.batch_size)]
+
+    def __iter__(self):
+        rank, world = _rank_and_world()
+        for _ in range(self.batches_per_epoch):
+            batch = _take(self.prompts, self.batch_indices(self.position, rank, world))
+            self.position += 1
+            yield batch
+
+
+class PromptDataModule(pl.LightningDataModule):
+    """Conditions only: batches of prompts (lists of strings); the teacher encodes them.
+
+    Args:
+        train_prompts: training prompts: a ``.txt`` / ``.jsonl`` file or a ``package.module:function`` generator.
+        eval_prompts: held-out prompts for evaluation (a separate file or split); None reuses ``train_prompts``.
+        predict_prompts: prompts ``dimo predict`` samples, in order; None uses ``eval_prompts``.
+        negative_prompt: optional negative prompt for the teacher's CFG (its unconditional branch).
+        batch_size: prompts per batch per rank (the Di[M]O batch size B).
+        batches_per_epoch: batches in one Lightning epoch (epochs only pace logging and checkpoints).
+        seed: seed of the per-pass shuffling.
+        shuffle: shuffle every pass over the training prompts.
+        predict_samples: number of prompts ``dimo predict`` samples (cycling through ``predict_prompts``); None
+            samples each prompt once.
+    """
+
+    def __init__(
+        self,
+        train_prompts: str = "dimo_lightning.data.captions:train_prompts",
+        eval_prompts: str | None = "dimo_lightning.data.captions:eval_prompts",
+        predict_prompts: str | None = None,
+        negative_prompt: str | None = None,
+        batch_size: int = 64,
+        batches_per_epoch: int = 100,
+        seed: int = 0,
+        shuffle: bool = True,
+        predict_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or batches_per_epoch < 1:
+            raise ValueError(f"batch_size and batches_per_epoch must be >= 1, got {batch_size}, {batches_per_epoch}")
+        if predict_samples is not None and predict_samples < 1:
+            raise ValueError(f"predict_samples must be >= 1 or None, got {predict_samples}")
+        if negative_prompt is not None and not negative_prompt.strip():
+            raise ValueError("negative_prompt must be None or a non-empty string (the null prompt is built in)")
+        self.train_prompts = train_prompts
+        self.eval_prompts = eval_prompts
+        self.predict_prompts = predict_prompts
+        self.negative_prompt = negative_prompt
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.shuffle = shuffle
+        self.predict_samples = predict_samples
+        self._loaded: dict[str, Sequence[str]] = {}
+        self._stream: PromptStream | None = None
+
+    def prompts(self, which: str) -> Sequence[str]:
+        """The ``train``, ``eval`` or ``predict`` prompts (loaded and validated once)."""
+        if which not in self._loaded:
+            source = {
+                "train": self.train_prompts,
+                "eval": self.eval_prompts or self.train_prompts,
+                "predict": self.predict_prompts or self.eval_prompts or self.train_prompts,
+            }[which]
+            self._loaded[which] = load_prompts(source, f"{which}_prompts")
+        return self._loaded[which]
+
+    def evaluation_conditions(self, num_samples: int) -> list[str]:
+        """The first ``num_samples`` held-out prompts, cycling when there are fewer (the same on every rank;
+        callers shard them)."""
+        prompts = self.prompts("eval")
+        return _take(prompts, [i % len(prompts) for i in range(num_samples)])
+
+    def train_dataloader(self) -> DataLoader:
+        if self._stream is None:
+            self._stream = PromptStream(self.prompts("train"), self.batch_size, self.batches_per_epoch, self.seed,
+                                        self.shuffle)
+        return ResumableLoader(self._stream, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        """One batch of held-out prompts: validation work happens in callbacks."""
+        return DataLoader([self.evaluation_conditions(self.batch_size)], batch_size=None)
+
+    def predict_dataloader(self) -> DataLoader:
+        """``predict_samples`` prompts of ``predict_prompts`` in order, batches of lists of strings."""
+        prompts = self.prompts("predict")
+        count = len(prompts) if self.predict_samples is None else self.predict_samples
+        return DataLoader(_PromptList(prompts, count), batch_size=self.batch_size, collate_fn=list)
+
+
+class _PromptList(torch.utils.data.Dataset):
+    """``count`` prompts cycling through ``prompts`` (map-style, so Lightning can shard it across ranks)."""
+
+    def __init__(self, prompts: Sequence[str], count: int) -> None:
+        self.prompts = prompts
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> str:
+        return self.prompts[index % len(self.prompts)]
