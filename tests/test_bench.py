@@ -163,7 +163,7 @@ def test_fid_is_recorded_against_wall_time_and_plotted(tiny_teacher, tmp_path):
     assert {"seconds", "fid", "recall", "precision"} <= set(rows[0])
     assert 0 < float(rows[0]["seconds"]) <= float(rows[1]["seconds"])
     assert float(rows[1]["fid"]) == pytest.approx(float(trainer.callback_metrics["val/fid"]), rel=1e-4)
-    assert fid.state_dict()["elapsed_seconds"] >= float(rows[1]["seconds"])
+    assert fid.state_dict()["elapsed_seconds"] >= float(rows[1]["seconds"]) - 0.05  # the CSV rounds to 0.1 s
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
