@@ -28,15 +28,16 @@ def read_curve(source: Path, metric: str = "fid") -> list[tuple[float, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tag = f"val_vs_seconds/{metric}"
-    points: list[tuple[float, float]] = []
+    points: list[tuple[float, float, float]] = []
     for events in sorted(source.rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         if tag in accumulator.Tags().get("scalars", []):
-            points += [(float(e.step), float(e.value)) for e in accumulator.Scalars(tag)]
+            points += [(float(e.step), e.wall_time, float(e.value)) for e in accumulator.Scalars(tag)]
     if not points:
         raise SystemExit(f"{source}: no fid_vs_time.csv and no TensorBoard scalar {tag}")
-    return sorted(points)
+    # The x-axis is whole seconds: evaluations within one second share a step, so they keep their logged order.
+    return [(step, value) for step, _, value in sorted(points)]
 
 
 def main(argv: list[str] | None = None) -> Path:
