@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from threadpoolctl import threadpool_limits
 
 from dimo_lightning.callbacks.writer import iter_prediction_shards, read_prediction_index
 
@@ -93,11 +95,15 @@ def check_one_process_gives_the_same_results(tmp_path: Path) -> None:
     data = ClassLabelDataModule(10, 8, 2, predict_samples=23)
     # one trainer per command, as `dimo validate` and `dimo predict` (an EMA built under validate's inference mode
     # cannot take a checkpoint's weights again in the same process)
-    for callback, run in ((report, "validate"), (writer, "predict")):
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[StudentEMA(0.99), callback],
-                             default_root_dir=tmp_path / "single")
-        getattr(trainer, run)(DiMOModule(teacher, max_generator_steps=4, seed=0), data, ckpt_path=last)
+    # The ranks ran with one thread (torch and BLAS); so does this process, or the metrics' float reductions
+    # (covariances, the matrix square root) differ in the last digits from the thread count alone.
+    torch.set_num_threads(1)  # restored by conftest
+    with threadpool_limits(limits=1):
+        for callback, run in ((report, "validate"), (writer, "predict")):
+            trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                 enable_model_summary=False, callbacks=[StudentEMA(0.99), callback],
+                                 default_root_dir=tmp_path / "single")
+            getattr(trainer, run)(DiMOModule(teacher, max_generator_steps=4, seed=0), data, ckpt_path=last)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     for row, distributed in zip(report.rows, rank0["validate_rows"], strict=True):
         for column in ("fid", "kid", "precision", "recall", "accuracy", "is"):
@@ -105,3 +111,4 @@ def check_one_process_gives_the_same_results(tmp_path: Path) -> None:
     single = np.concatenate([s["images"] for s in iter_prediction_shards(writer.path)])
     distributed = np.concatenate([s["images"] for s in iter_prediction_shards(rank0["predict_dir"])])
     assert np.array_equal(single, distributed)
+
