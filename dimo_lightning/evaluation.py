@@ -81,6 +81,20 @@ def load_reference(spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return images, labels
 
 
+def timed_sample(
+    sample_codes: Callable[[Any, torch.Generator], torch.Tensor], batch: Any, generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, float]:
+    """``sample_codes(batch, generator)`` -> (its result, seconds it took; CUDA synchronized on both sides)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    codes = sample_codes(batch, generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return codes, time.perf_counter() - t0
+
+
 @torch.no_grad()
 def generate_images(
     sample_codes: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
@@ -98,14 +112,8 @@ def generate_images(
     generator = torch.Generator(device=device).manual_seed(seed)
     images, elapsed = [], 0.0
     for start in range(0, len(labels), batch_size):
-        batch = labels[start : start + batch_size].to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        codes = sample_codes(batch, generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed += time.perf_counter() - t0
+        codes, seconds = timed_sample(sample_codes, labels[start : start + batch_size].to(device), generator, device)
+        elapsed += seconds
         images.append(teacher.decode(codes).float().cpu())
         if progress is not None:
             progress(min(start + batch_size, len(labels)), len(labels))
@@ -200,16 +208,12 @@ def sharded_sample_features(
         index, (start, stop) = mine[step] if not padding else (0, (0, min(batch_size, total)))
         batch = slice_conditions(conditions, start, stop)
         generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + index * 7_919) % 2**62)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        codes = sample_codes(batch, generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        images = pl_module.teacher.decode(codes).float()  # (B, C, H, W) in [0, 1]
+        # images/s of the sharded report covers sampling and decoding: (B, C, H, W) in [0, 1]
+        images, seconds = timed_sample(lambda b, g: pl_module.teacher.decode(sample_codes(b, g)).float(), batch,
+                                       generator, device)
         if padding:
             continue
-        elapsed += time.perf_counter() - t0
+        elapsed += seconds
         batch_features, batch_logits = extractor(images)
         features.append(batch_features)
         if batch_logits is not None:

@@ -77,9 +77,3 @@ def stats(
           f"{result.extractor} ({result.feature_dim}-d {result.feature_layer!r}), {len(result.features)} features kept")
     return path
 
-
-def main(args: list[str] | None = None) -> None:
-    """``dimo stats ...`` (the arguments after ``stats``)."""
-    from jsonargparse import CLI
-
-    CLI(stats, args=args, as_positional=False)
