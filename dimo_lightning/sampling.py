@@ -24,9 +24,8 @@ def filter_logits(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = logits.float() / temperature
+    logits = logits.float() / temperature  # a new tensor: the edits below never touch the caller's logits
     if exclude_ids:
-        logits = logits.clone()
         logits[..., list(exclude_ids)] = float("-inf")
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -46,12 +45,16 @@ def gumbel_noise(
 ) -> torch.Tensor:
     """Standard Gumbel samples -log(-log u), u ~ U(0, 1), float32."""
     u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
-    return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+    # In place on the one buffer: the same operations in the same order as -log(-log(u)) with its clamps, so the
+    # same values bit for bit, without five temporaries of the logits' size (samplers call this on (B, N, V)).
+    return u.clamp_min_(1e-20).log_().neg_().clamp_min_(1e-20).log_().neg_()
 
 
 def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per position from softmax(logits (..., V)) -> (...) long, via the Gumbel-max trick."""
-    return (logits.float() + gumbel_noise(logits.shape, generator, logits.device)).argmax(dim=-1)
+    # noise + logits in the noise buffer: float addition commutes, so this is logits + noise bit for bit.
+    noise = gumbel_noise(logits.shape, generator, logits.device)
+    return noise.add_(logits.detach().float()).argmax(dim=-1)
 
 
 def sample_tokens(
@@ -102,6 +105,21 @@ def decode_schedule(steps: int, num_tokens: int, mode: str = "arccos") -> list[i
     return counts
 
 
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance ``uncond + scale * (cond - uncond)`` in one new buffer.
+
+    The expression written out allocates three tensors of the logits' size; this one (``cond`` and ``uncond`` are
+    left untouched: a model's output is not ours to overwrite). Products and sums commute, so the values equal the
+    written-out expression bit for bit, and autograd goes through it alike.
+
+    Args:
+        cond: (B, N, V) conditional logits.
+        uncond: (B, N, V) unconditional logits.
+        scale: a number, or a tensor broadcastable to the logits (e.g. (B, 1, 1) per-sample scales).
+    """
+    return torch.sub(cond, uncond).mul_(scale).add_(uncond)
+
+
 LogitsFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -149,28 +167,40 @@ def maskgit_decode(
         Codes (B, N) in [0, K), and the list of per-step codes if ``return_history``.
     """
     counts = decode_schedule(steps, num_tokens, schedule)
+    # Per-step constants on the host, once: the guidance scale and the confidence's Gumbel temperature.
+    progress = [i / (steps - 1) if steps > 1 else 1.0 for i in range(steps)]
+    scales = [1.0 + (cfg_scale - 1.0) * p if cfg_ramp else cfg_scale for p in progress]
+    taus = [choice_temperature * (1.0 - p) if steps > 1 else 0.0 for p in progress]
     codes = torch.full((batch_size, num_tokens), mask_id, dtype=torch.long, device=device)
+    drop = None  # the CFG batch's drop flags (conditional half first), made once
     history = []
     for i, count in enumerate(counts):
         still_masked = codes == mask_id  # (B, N)
-        scale = 1.0 + (cfg_scale - 1.0) * (i / (steps - 1) if steps > 1 else 1.0) if cfg_ramp else cfg_scale
-        if scale == 1.0:
-            logits = logits_fn(codes, None)
+        if scales[i] == 1.0:
+            logits = logits_fn(codes, None)[..., :codebook_size]
         else:
-            drop = torch.cat([torch.zeros(batch_size, dtype=torch.bool), torch.ones(batch_size, dtype=torch.bool)])
-            both = logits_fn(codes.repeat(2, 1), drop.to(codes.device))
-            cond, uncond = both[:batch_size], both[batch_size:]
-            logits = uncond + scale * (cond - uncond)
-        logits = logits[..., :codebook_size].float() / softmax_temperature
+            if drop is None:
+                drop = torch.arange(2 * batch_size, device=codes.device) >= batch_size
+            both = logits_fn(codes.repeat(2, 1), drop)
+            cond, uncond = both[:batch_size, :, :codebook_size], both[batch_size:, :, :codebook_size]
+            logits = cfg_combine(cond, uncond, scales[i])
+        logits = logits.float()
+        if softmax_temperature != 1.0:  # x / 1 == x exactly: no copy of the logits for the default
+            logits = logits / softmax_temperature
         drawn = sample_categorical(logits, generator)  # (B, N)
-        log_prob = logits.log_softmax(-1).gather(-1, drawn[..., None])[..., 0]
-        tau = choice_temperature * (1.0 - i / (steps - 1)) if steps > 1 else 0.0
-        if tau > 0:
-            log_prob = log_prob + tau * gumbel_noise(log_prob.shape, generator, log_prob.device)
-        confidence = log_prob.masked_fill(~still_masked, float("-inf"))
-        chosen = confidence.topk(count, dim=-1).indices  # (B, count): exactly `count` new tokens per row
-        reveal = torch.zeros_like(still_masked).scatter(1, chosen, True) & still_masked
+        if i == len(counts) - 1:
+            # The last step reveals every position still masked (the counts sum to N and each step reveals
+            # exactly its count), and its Gumbel temperature is 0 (no draw): skipping the confidence changes
+            # neither the codes nor the random stream.
+            reveal = still_masked
+        else:
+            log_prob = logits.log_softmax(-1).gather(-1, drawn[..., None])[..., 0]
+            if taus[i] > 0:
+                log_prob = log_prob + taus[i] * gumbel_noise(log_prob.shape, generator, log_prob.device)
+            confidence = log_prob.masked_fill_(~still_masked, float("-inf"))
+            chosen = confidence.topk(count, dim=-1).indices  # (B, count): exactly `count` new tokens per row
+            reveal = torch.zeros_like(still_masked).scatter_(1, chosen, True).logical_and_(still_masked)
         codes = torch.where(reveal, drawn, codes)
         if return_history:
-            history.append(codes.clone())
+            history.append(codes)  # torch.where made a new tensor: no clone needed
     return (codes, history) if return_history else codes

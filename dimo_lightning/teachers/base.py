@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dimo_lightning.sampling import cfg_combine
+
 
 class MaskedTeacher(nn.Module, ABC):
     """Base class of all teachers.
@@ -195,7 +197,7 @@ class MaskedTeacher(nn.Module, ABC):
         logits = self.apply_network(network, codes.repeat(2, 1), self.repeat_condition(cond, 2), drop)
         cond_logits, uncond_logits = logits[:b], logits[b:]
         scale = scale.reshape(-1, 1, 1) if scale.ndim else scale
-        return uncond_logits + scale.to(logits.dtype) * (cond_logits - uncond_logits)
+        return cfg_combine(cond_logits, uncond_logits, scale.to(logits.dtype))
 
     @torch.no_grad()
     def sample(
