@@ -327,26 +327,38 @@ class PassBench:
 def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
                   teacher_steps=TEACHER_STEPS) -> dict[str, Any]:
     """Images per second (wall and CPU clock; codes only, no pixel decoding) of the one-step student and of the
-    teacher's MaskGIT decoder at ``teacher_steps`` with its CFG, under ``torch.inference_mode``. The samplers take
-    turns in each round, so a change of machine load hits all of them alike."""
+    teacher's MaskGIT decoder at ``teacher_steps`` with its CFG, under ``torch.inference_mode``.
+
+    Both samplers run as configured: the student through ``generate`` (the ``sample_*`` settings), the teacher
+    with the module's ``teacher_sampling`` (choice temperature, schedule, CFG ramp; what the evaluation report and
+    ``dimo predict`` decode with), at each step count. The samplers take turns in each round, so a change of machine
+    load hits all of them alike; and each timed student sample is a block of ``max(teacher_steps)`` calls (its
+    per-call mean), so that it spans a comparable stretch of time to a teacher sample: one call of a few
+    milliseconds would otherwise see the load of that instant only, while a teacher decode averages over seconds.
+    """
     hp = pl_module.hparams
     sync = synchronizer(pl_module.device)
     cond = first_condition_batch(trainer, pl_module)
     b = pl_module.teacher.condition_batch_size(cond)
     context = trainer.precision_plugin.forward_context
     generator = torch.Generator(device=pl_module.device).manual_seed(0)
+    student_block = max(teacher_steps)
 
     def student():
         with torch.inference_mode(), context():
-            pl_module.generate(cond, generator=generator)
+            for _ in range(student_block):
+                pl_module.generate(cond, generator=generator)
 
     def teacher(steps):
+        settings = pl_module.teacher_sampling.sample_kwargs(hp.teacher_cfg_scale, steps=steps)
+
         def run():
             with torch.inference_mode(), context():
-                pl_module.teacher.sample(cond, steps=steps, cfg_scale=hp.teacher_cfg_scale, generator=generator)
+                pl_module.teacher.sample(cond, generator=generator, **settings)
         return run
 
     samplers = {"student": student, **{str(steps): teacher(steps) for steps in teacher_steps}}
+    calls = {"student": student_block}
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in samplers}
     for round_index in range(1 + max(3, repeats // 2)):  # one warm-up round
         for name, fn in samplers.items():
@@ -355,13 +367,16 @@ def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
             fn()
             sync()
             if round_index:
-                samples[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+                per_call = calls.get(name, 1)
+                samples[name].append(((time.perf_counter() - wall) / per_call, (time.process_time() - cpu) / per_call))
 
     def rate(name: str) -> Timing:
         return {clock: b / seconds for clock, seconds in _medians(samples[name]).items()}
 
     return {"batch_size": b, "student_images_per_s": rate("student"),
-            "teacher_images_per_s": {str(steps): rate(str(steps)) for steps in teacher_steps}}
+            "teacher_images_per_s": {str(steps): rate(str(steps)) for steps in teacher_steps},
+            "student_calls_per_sample": student_block,
+            "teacher_sampling": pl_module.teacher_sampling.sample_kwargs(hp.teacher_cfg_scale)}
 
 
 # ---- the bench ------------------------------------------------------------------------------------------------------

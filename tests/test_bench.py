@@ -19,6 +19,7 @@ from dimo_lightning.data.labels import ClassLabelDataModule
 from dimo_lightning.module import DiMOModule
 from dimo_lightning.nn.transformer import MaskTransformer, count_parameters
 from dimo_lightning.speed import compile_networks, set_full_head
+from dimo_lightning.teachers.base import MaskedTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +101,20 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     weights, codebook = save_tiny_mnist_teacher(tmp_path / "teacher")
     output = tmp_path / "out" / "bench.json"
+    # Record how the bench calls the samplers: the teacher with the configured decoding, the student in blocks.
+    teacher_calls, student_calls = [], []
+    original_sample, original_generate = MaskedTeacher.sample, DiMOModule.generate
+
+    def recording_sample(self, cond, **kwargs):
+        teacher_calls.append(kwargs)
+        return original_sample(self, cond, **kwargs)
+
+    def recording_generate(self, cond, **kwargs):
+        student_calls.append(len(teacher_calls))
+        return original_generate(self, cond, **kwargs)
+
+    monkeypatch.setattr(MaskedTeacher, "sample", recording_sample)
+    monkeypatch.setattr(DiMOModule, "generate", recording_generate)
     main(["bench", "--config", str(ROOT / "configs/mnist/dimo.yaml"),
           f"--model.init_args.teacher.init_args.checkpoint={weights}",
           f"--model.init_args.teacher.init_args.codebook={codebook}", "--data.init_args.batch_size=4",
@@ -112,6 +127,14 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
     sampling = record["sampling"]
     assert set(sampling["teacher_images_per_s"]) == {"1", "4"}
     assert sampling["ideal_ratio"] == 8  # CFG 2.0 in the config: 2 passes x 4 steps
+    # the teacher decodes as the report does (the config's choice temperature 16, not the function default 4.5)
+    assert teacher_calls and {call["choice_temperature"] for call in teacher_calls} == {16.0}
+    assert {call["steps"] for call in teacher_calls} == {1, 4}
+    assert sampling["teacher_sampling"]["choice_temperature"] == 16.0
+    # each timed student sample is a block of max(teacher steps) = 4 calls between two teacher decodes
+    assert sampling["student_calls_per_sample"] == 4
+    blocks = [student_calls.count(n) for n in sorted(set(student_calls))]
+    assert len(blocks) >= 4 and all(count == 4 for count in blocks)
     assert record["clock"] == "cpu"  # a CPU run: process CPU time is the headline, wall time beside it
     training = record["training"]
     assert set(training["passes_s"]) == {"student_fwd_bwd", "teacher_cfg_fwd_2b", "aux_fwd", "aux_fwd_bwd",
