@@ -74,6 +74,14 @@ def _medians(samples: list[tuple[float, float]]) -> Timing:
     return {"wall": statistics.median(w for w, _ in samples), "cpu": statistics.median(c for _, c in samples)}
 
 
+def memory_counters() -> tuple[int, float]:
+    """(minor page faults, system CPU seconds) of this process so far. Fresh pages that the allocator maps for
+    tensors are faulted in (and zeroed by the kernel) on first touch: work that shows as system time, not in the
+    operator profile, and that can differ between a small and a large batch."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
 def median_times(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> Timing:
     """Median wall and CPU seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
     for _ in range(warmup):
@@ -100,6 +108,8 @@ class IterationTimer(Callback):
         self.track_cuda_memory = track_cuda_memory
         self.starts: list[tuple[float, float]] = []
         self.ends: list[tuple[float, float]] = []
+        self.memory: list[tuple[int, float]] = []  # (page faults, system seconds) of each batch
+        self._memory_start = (0, 0.0)
         self.cuda_peak_bytes: int | None = None
         # On CUDA, one extra untimed batch runs under torch.cuda's sync debug mode to count the host syncs.
         self.host_syncs: int | None = None
@@ -118,11 +128,14 @@ class IterationTimer(Callback):
             self._sync_records = self._sync_catcher.__enter__()
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
+        self._memory_start = memory_counters()
         self.starts.append((time.perf_counter(), time.process_time()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         synchronizer(pl_module.device)()
         self.ends.append((time.perf_counter(), time.process_time()))
+        faults, system = memory_counters()
+        self.memory.append((faults - self._memory_start[0], system - self._memory_start[1]))
         if self._sync_catcher is not None:
             torch.cuda.set_sync_debug_mode(0)
             self._sync_catcher.__exit__(None, None, None)
@@ -150,6 +163,12 @@ class IterationTimer(Callback):
     def step_times(self) -> Timing:
         """Median time of one batch after warm-up."""
         return _medians(self.samples())
+
+    def memory_medians(self) -> dict[str, float]:
+        """Median minor page faults and system CPU seconds of one batch after warm-up."""
+        timed = self.memory[self.warmup : self.warmup + self.repeats]
+        return {"page_faults": statistics.median(f for f, _ in timed),
+                "system_cpu_s": statistics.median(t for _, t in timed)}
 
 
 # ---- building from the config ---------------------------------------------------------------------------------------
@@ -360,15 +379,18 @@ def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
     samplers = {"student": student, **{str(steps): teacher(steps) for steps in teacher_steps}}
     calls = {"student": student_block}
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in samplers}
+    faults: dict[str, list[float]] = {name: [] for name in samplers}
     for round_index in range(1 + max(3, repeats // 2)):  # one warm-up round
         for name, fn in samplers.items():
             sync()
+            faults_before = memory_counters()[0]
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
             sync()
             if round_index:
                 per_call = calls.get(name, 1)
                 samples[name].append(((time.perf_counter() - wall) / per_call, (time.process_time() - cpu) / per_call))
+                faults[name].append((memory_counters()[0] - faults_before) / per_call)
 
     def rate(name: str) -> Timing:
         return {clock: b / seconds for clock, seconds in _medians(samples[name]).items()}
@@ -376,6 +398,7 @@ def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
     return {"batch_size": b, "student_images_per_s": rate("student"),
             "teacher_images_per_s": {str(steps): rate(str(steps)) for steps in teacher_steps},
             "student_calls_per_sample": student_block,
+            "page_faults_per_call": {name: statistics.median(values) for name, values in faults.items()},
             "teacher_sampling": pl_module.teacher_sampling.sample_kwargs(hp.teacher_cfg_scale)}
 
 
@@ -580,6 +603,7 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
             "passes_sum_s": passes_sum,
             "overhead_factor": overhead,
             "overhead_factor_networks_only": {c: iteration[c] / nets_only[c] for c in clocks},
+            "memory_per_iteration": base.memory_medians(),
             "split": split,
         },
         "memory": memory,
@@ -630,7 +654,12 @@ def format_tables(record: dict[str, Any]) -> str:
     lines.append(f"| **iteration** | **{t['iteration_s'][clock] * 1000:.1f}** ({t['iteration_s'][other] * 1000:.1f}) "
                  f"| overhead factor **{t['overhead_factor'][clock]:.3f}** ({t['overhead_factor'][other]:.3f}) |")
     memory = record["memory"]
-    lines.append(f"\npeak memory ({memory['kind']}): {memory['bytes'] / 2**20:.0f} MiB\n")
+    lines.append(f"\npeak memory ({memory['kind']}): {memory['bytes'] / 2**20:.0f} MiB")
+    per_iteration = t.get("memory_per_iteration")
+    if per_iteration:
+        lines.append(f"per iteration: {per_iteration['page_faults']:.0f} minor page faults, "
+                     f"{per_iteration['system_cpu_s'] * 1000:.0f} ms system CPU time (fresh pages for tensors)")
+    lines.append("")
     lines += ["| lever | off | on | off value | on value | gain | note |", "|---|---|---|---:|---:|---:|---|"]
     for row in record["levers"]:
         gain = f"{100 * row['gain']:+.1f}%" if row["gain"] is not None else row["status"]

@@ -133,6 +133,8 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
     assert sampling["teacher_sampling"]["choice_temperature"] == 16.0
     # each timed student sample is a block of max(teacher steps) = 4 calls between two teacher decodes
     assert sampling["student_calls_per_sample"] == 4
+    assert set(sampling["page_faults_per_call"]) == {"student", "1", "4"}
+    assert min(sampling["page_faults_per_call"].values()) >= 0
     blocks = [student_calls.count(n) for n in sorted(set(student_calls))]
     assert len(blocks) >= 4 and all(count == 4 for count in blocks)
     assert record["clock"] == "cpu"  # a CPU run: process CPU time is the headline, wall time beside it
@@ -149,6 +151,8 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
         assert sum(training["split"][clock].values()) == pytest.approx(1.0)
     assert record["targets"]["overhead_factor"]["value"] == training["overhead_factor"]["cpu"]
     assert record["memory"]["kind"] == "cpu_max_rss" and record["memory"]["bytes"] > 10 * 2**20
+    per_iteration = training["memory_per_iteration"]
+    assert per_iteration["page_faults"] >= 0 and per_iteration["system_cpu_s"] >= 0
     levers = {row["lever"]: row for row in record["levers"]}
     assert "compile" not in levers and "bf16_mixed" not in levers
     for name in ("output_head", "aux_sample", "batched_cfg (teacher pass)"):
@@ -160,6 +164,7 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
     assert set(record["targets"]) == {"ratio_of_ideal", "overhead_factor", "aux_reuse_speedup"}
     printed = capsys.readouterr().out
     assert "overhead factor" in printed and "| aux_sample | fresh | reuse |" in printed
+    assert "minor page faults" in printed
     assert not (tmp_path / "runs").exists()  # the bench writes no logs or checkpoints
 
 
