@@ -27,6 +27,9 @@ class TeacherSampling:
         schedule: how many tokens each step reveals: root, linear, square, cosine, arccos.
         softmax_temperature: the logits are divided by it before sampling.
         cfg_ramp: ramp the guidance from 1 at the first step to ``cfg_scale`` at the last.
+        cfg_batched: one network pass of 2B per guided step (True) or two passes of B (False): the same logits up
+            to float rounding. On a GPU the batched pass fills the device better; on one CPU thread two passes of
+            B were ~15% faster at batch 64 for the MNIST teacher (``dimo bench``, the batched_cfg rows).
     """
 
     steps: int = 16
@@ -35,6 +38,7 @@ class TeacherSampling:
     schedule: str = "arccos"
     softmax_temperature: float = 1.0
     cfg_ramp: bool = True
+    cfg_batched: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -71,6 +75,7 @@ class TeacherSampling:
             "steps": self.steps if steps is None else steps,
             "cfg_scale": default_cfg_scale if self.cfg_scale is None else self.cfg_scale,
             "cfg_ramp": self.cfg_ramp,
+            "cfg_batched": self.cfg_batched,
             "schedule": self.schedule,
             "softmax_temperature": self.softmax_temperature,
             "choice_temperature": self.choice_temperature,

@@ -133,7 +133,16 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
     assert sampling["teacher_sampling"]["choice_temperature"] == 16.0
     # each timed student sample is a block of max(teacher steps) = 4 calls between two teacher decodes
     assert sampling["student_calls_per_sample"] == 4
-    assert set(sampling["page_faults_per_call"]) == {"student", "1", "4"}
+    assert set(sampling["page_faults_per_call"]) == {"student", "1", "4", "other_cfg_form"}
+    # the longest decode is timed with the other CFG form too (two passes of B: the config batches CFG)
+    other_form = sampling["teacher_other_cfg_form"]
+    assert other_form["steps"] == 4 and other_form["cfg_batched"] is False
+    assert [call.get("cfg_batched") for call in teacher_calls].count(False) >= 4
+    for clock in ("wall", "cpu"):
+        fastest = max(sampling["teacher_images_per_s"]["4"][clock], other_form["images_per_s"][clock])
+        assert sampling["ratio_of_ideal_vs_fastest_teacher"][clock] == pytest.approx(
+            sampling["student_images_per_s"][clock] / fastest / 8)
+        assert sampling["ratio_of_ideal_vs_fastest_teacher"][clock] <= sampling["ratio_of_ideal"][clock] + 1e-12
     assert min(sampling["page_faults_per_call"].values()) >= 0
     blocks = [student_calls.count(n) for n in sorted(set(student_calls))]
     assert len(blocks) >= 4 and all(count == 4 for count in blocks)
@@ -155,7 +164,7 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
     assert per_iteration["page_faults"] >= 0 and per_iteration["system_cpu_s"] >= 0
     levers = {row["lever"]: row for row in record["levers"]}
     assert "compile" not in levers and "bf16_mixed" not in levers
-    for name in ("output_head", "aux_sample", "batched_cfg (teacher pass)"):
+    for name in ("output_head", "aux_sample", "batched_cfg (teacher pass)", "batched_cfg (teacher@4 sampling)"):
         row = levers[name]
         assert row["status"] == "measured" and row["value_off"]["wall"] > 0 and row["value_on"]["cpu"] > 0
         assert row["gain"] == pytest.approx(1 - row["value_on"]["cpu"] / row["value_off"]["cpu"])

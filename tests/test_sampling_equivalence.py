@@ -190,3 +190,61 @@ def test_teacher_guided_logits_equal_two_separate_passes(tiny_teacher):
         conditional = tiny_teacher(codes, cond)
         unconditional = tiny_teacher(codes, cond, torch.ones(5, dtype=torch.bool))
     torch.testing.assert_close(guided, unconditional + 2.0 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
+
+
+class RowwiseModel:
+    """Logits computed row by row from a fixed table (no matrix product across the batch), so one pass of 2B and
+    two passes of B give the same values bit for bit; records each call's batch size and drop flags."""
+
+    def __init__(self, vocab_in, vocab_out, num_tokens):
+        gen = torch.Generator().manual_seed(0)
+        self.table = torch.randn(vocab_in, vocab_out, generator=gen)
+        self.position = torch.randn(num_tokens, vocab_out, generator=gen)
+        self.unconditional = torch.randn(vocab_out, generator=gen)
+        self.calls = []
+
+    def __call__(self, codes, drop):
+        self.calls.append((codes.shape[0], None if drop is None else drop.tolist()))
+        logits = self.table[codes] + self.position
+        if drop is not None:
+            logits = torch.where(drop[:, None, None], logits + self.unconditional, logits)
+        return logits
+
+
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_split_cfg_decodes_the_same_tokens_as_batched_cfg(steps):
+    batched_model, split_model = RowwiseModel(11, 11, 16), RowwiseModel(11, 11, 16)
+    kwargs = dict(steps=steps, cfg_scale=3.0, choice_temperature=4.5)
+    batched = maskgit_decode(batched_model, 5, 16, 10, 10, generator=torch.Generator().manual_seed(0), **kwargs)
+    split = maskgit_decode(split_model, 5, 16, 10, 10, generator=torch.Generator().manual_seed(0), cfg_batched=False,
+                           **kwargs)
+    assert torch.equal(batched, split)
+    guided_steps = steps - 1 if steps > 1 else 1  # the ramp starts at scale 1: the first of several steps is plain
+    assert [size for size, _ in batched_model.calls].count(10) == guided_steps
+    split_calls = split_model.calls[-2 * guided_steps:]
+    assert [size for size, _ in split_calls] == [5] * (2 * guided_steps)
+    assert split_calls[0::2] == [(5, None)] * guided_steps  # conditional pass first
+    assert split_calls[1::2] == [(5, [True] * 5)] * guided_steps  # then the unconditional one
+
+
+def test_teacher_sample_with_split_cfg_agrees_with_batched_cfg(tiny_teacher):
+    cond = torch.arange(6) % tiny_teacher.num_classes
+    with torch.no_grad():
+        codes = torch.full((6, tiny_teacher.seq_len), tiny_teacher.mask_id)
+        both = tiny_teacher.guided_logits(tiny_teacher.network, codes, cond, 2.0)
+        conditional = tiny_teacher(codes, cond)
+        unconditional = tiny_teacher(codes, cond, torch.ones(6, dtype=torch.bool))
+    torch.testing.assert_close(cfg_combine(conditional, unconditional, 2.0), both, rtol=1e-5, atol=1e-5)
+    split = tiny_teacher.sample(cond, steps=4, cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
+                                cfg_batched=False)
+    assert split.shape == (6, tiny_teacher.seq_len) and not (split == tiny_teacher.mask_id).any()
+
+
+def test_teacher_sampling_carries_the_cfg_form_and_reads_records_without_it():
+    from dimo_lightning.teacher_sampling import TeacherSampling
+
+    old_record = {"steps": 8, "choice_temperature": 16.0}  # a checkpoint written before the switch existed
+    assert TeacherSampling.coerce(old_record).sample_kwargs(2.0)["cfg_batched"] is True
+    assert TeacherSampling.coerce({"cfg_batched": False}).sample_kwargs(2.0, steps=4) == {
+        "steps": 4, "cfg_scale": 2.0, "cfg_ramp": True, "schedule": "arccos", "softmax_temperature": 1.0,
+        "choice_temperature": 4.5, "cfg_batched": False}

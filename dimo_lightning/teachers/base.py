@@ -210,6 +210,7 @@ class MaskedTeacher(nn.Module, ABC):
         softmax_temperature: float = 1.0,
         choice_temperature: float = 4.5,
         generator: torch.Generator | None = None,
+        cfg_batched: bool = True,
     ) -> torch.Tensor:
         """Multi-step MaskGIT decoding of the teacher -> codes (B, N) in [0, K) (no mask left).
 
@@ -222,7 +223,8 @@ class MaskedTeacher(nn.Module, ABC):
         device = next(self.network.parameters()).device
 
         def logits_fn(codes: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
-            return self.apply_network(self.network, codes, cond if drop is None else doubled, drop)
+            # A batch of B (conditional, or the unconditional pass of split CFG) or of 2B (batched CFG).
+            return self.apply_network(self.network, codes, cond if codes.shape[0] == b else doubled, drop)
 
         was_training = self.network.training
         self.network.eval()
@@ -230,7 +232,7 @@ class MaskedTeacher(nn.Module, ABC):
             return maskgit_decode(
                 logits_fn, b, self.seq_len, self.codebook_size, self.mask_id, steps=steps, schedule=schedule,
                 cfg_scale=cfg_scale, cfg_ramp=cfg_ramp, softmax_temperature=softmax_temperature,
-                choice_temperature=choice_temperature, device=device, generator=generator,
+                choice_temperature=choice_temperature, device=device, generator=generator, cfg_batched=cfg_batched,
             )
         finally:
             self.network.train(was_training)
