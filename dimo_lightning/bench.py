@@ -1,7 +1,7 @@
 """``dimo bench``: where the time of Di[M]O sampling and training goes, and what each speed lever buys.
 
     dimo bench --config configs/mnist/dimo.yaml [--trainer.accelerator=gpu --trainer.precision=bf16-mixed]
-               [--output bench.json] [--repeats 10] [--warmup 3] [--rounds 2] [--skip-levers compile,...]
+               [--output bench.json] [--repeats 10] [--warmup 3] [--rounds 4] [--skip-levers compile,...]
 
 Everything is measured in one process, with warm-up and medians over repeats, on two clocks (wall time after a CUDA
 synchronize, and the process's CPU time; see "timing" below), so the ratios compare like with like:
@@ -442,12 +442,15 @@ def lever_row(name: str, setting_off: str, setting_on: str, off: Timing | None, 
 
 
 def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_levers: tuple[str, ...] = (),
-              teacher_steps: tuple[int, ...] = TEACHER_STEPS, rounds: int = 2,
+              teacher_steps: tuple[int, ...] = TEACHER_STEPS, rounds: int = 4,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every measurement for the config given by ``cli_args`` -> the bench record (see the module docstring).
 
     Lever settings that need their own training run are measured in ``rounds`` interleaved rounds (off, on, off,
-    on, ...) whose iterations are pooled, so a load change on a shared machine hits both settings alike.
+    on, ...) whose iterations are pooled, so a load change on a shared machine hits both settings alike. The
+    default is 4 short rounds: on the shared 2-core machine the iteration time drifted by ~10% between fits a minute
+    apart, which 2 rounds of 5 iterations did not average out (the aux_sample gain, one student forward of ~9%,
+    read 11.6% in one run and 6.2% in the next).
     """
     unknown = [lever for lever in skip_levers if lever not in LEVERS]
     if unknown:
@@ -723,7 +726,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per measurement")
     parser.add_argument("--skip-levers", default="", help=f"comma-separated levers to skip: {', '.join(LEVERS)}")
     parser.add_argument("--teacher-steps", default="1,8,16", help="teacher decoding steps to time (default 1,8,16)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved off/on rounds per lever run (default 2)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved off/on rounds per lever run (default 4)")
     known, rest = parser.parse_known_args(argv)
     if known.repeats < 2:
         parser.error(f"--repeats must be >= 2 (medians), got {known.repeats}")
