@@ -29,7 +29,7 @@ class TeacherSampling:
         cfg_ramp: ramp the guidance from 1 at the first step to ``cfg_scale`` at the last.
         cfg_batched: one network pass of 2B per guided step (True) or two passes of B (False): the same logits up
             to float rounding. On a GPU the batched pass fills the device better; on one CPU thread two passes of
-            B were ~15% faster at batch 64 for the MNIST teacher (``dimo bench``, the batched_cfg rows).
+            B were 2-15% faster at batch 64 for the MNIST teacher (``dimo bench``, the batched_cfg rows).
     """
 
     steps: int = 16
