@@ -99,6 +99,12 @@ def _perturb(module: torch.nn.Module, seed: int) -> None:
                 p.add_(0.1 * torch.randn(p.shape, generator=generator))
 
 
+def _half(module: torch.nn.Module, fp16: bool) -> torch.nn.Module:
+    """The module in float16 (for ``.fp16`` files) or unchanged, always on the CPU for writing."""
+    module = module.cpu()
+    return module.half() if fp16 else module
+
+
 def save_random_released(
     folder: str | Path,
     preset: Literal["meissonic-full", "meissonic-tiny", "amused-256", "amused-512", "amused-tiny"],
@@ -143,8 +149,7 @@ def save_random_released(
                       str(root / "transformer" / FP16_WEIGHTS_NAME))
             weights.unlink()
     else:
-        network.to(torch.float16 if fp16 else torch.float32).save_pretrained(str(root / "transformer"),
-                                                                             variant=variant)
+        _half(network, fp16).save_pretrained(str(root / "transformer"), variant=variant)
     del network
 
     with torch.device(device):
@@ -152,7 +157,7 @@ def save_random_released(
     _perturb(vq, seed + 1)
     with torch.no_grad():
         vq.quantize.embedding.weight.normal_()
-    vq.to(torch.float16 if fp16 else torch.float32).save_pretrained(str(root / "vqvae"), variant=variant)
+    _half(vq, fp16).save_pretrained(str(root / "vqvae"), variant=variant)
     del vq
 
     text = spec["text"]
@@ -160,7 +165,7 @@ def save_random_released(
     with torch.device(device):
         encoder = CLIPTextModelWithProjection(config)
     _perturb(encoder, seed + 2)
-    encoder.to(torch.float16 if fp16 else torch.float32).save_pretrained(str(root / "text_encoder"), variant=variant)
+    _half(encoder, fp16).save_pretrained(str(root / "text_encoder"), variant=variant)
     del encoder
     save_clip_tokenizer(root / "tokenizer", spec["pad"], text["max_position_embeddings"])
     return root
