@@ -142,7 +142,7 @@ def save_random_released(
             network = UVit2DModel(**spec["transformer"])
     _perturb(network, seed)
     if isinstance(network, MeissonicTransformer):
-        network.save_pretrained(root / "transformer")
+        network.cpu().save_pretrained(root / "transformer")
         if fp16:
             weights = root / "transformer" / "diffusion_pytorch_model.safetensors"
             save_file({k: v.detach().half().contiguous().cpu() for k, v in network.state_dict().items()},
