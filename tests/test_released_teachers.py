@@ -268,3 +268,24 @@ def test_gpu_meissonic_script_dry_run(tmp_path, meissonic_folder):
     assert result["iterations"] == 1 and result["iterations_per_second"] > 0 and result["image_shape"] == [2, 3, 8, 8]
     assert json.loads((tmp_path / "out" / "result.json").read_text()) == result
     assert (tmp_path / "out" / "samples.png").is_file()
+
+
+def test_fsdp_shards_each_block_of_the_released_networks(tmp_path, meissonic_teacher, amused_teacher):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dimo_lightning.distributed import is_sharded, shard_network, shard_units
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    for teacher, blocks in ((meissonic_teacher, 2), (amused_teacher, 1)):  # 1 dual + 1 single; 1 transformer layer
+        network = copy.deepcopy(teacher.network).requires_grad_(True)
+        codes = torch.randint(0, 33, (2, 16), generator=torch.Generator().manual_seed(0))
+        cond = teacher.encode_condition(PROMPTS[:2])
+        args = (codes, cond.hidden_states, cond.pooled, cond.micro_conds)
+        expected = network(*args).detach()
+        units = shard_units(network)
+        assert len(units) == blocks
+        shard_network(network, mesh)
+        assert all(is_sharded(u) for u in units) and is_sharded(network)
+        torch.testing.assert_close(network(*args), expected)
