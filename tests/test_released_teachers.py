@@ -76,6 +76,10 @@ def test_meissonic_teacher_conditions_and_batched_negative_prompt_cfg(meissonic_
     unconditional = net(codes, negative.hidden_states.expand(2, -1, -1), negative.pooled.expand(2, -1),
                         cond.micro_conds, 0.0)
     torch.testing.assert_close(guided, unconditional + 4.0 * (conditional - unconditional), atol=1e-5, rtol=1e-5)
+    # multi-step MaskGIT decoding of the teacher (reports, `predict_with: teacher`) ends with codes only
+    sampled = teacher.sample(cond, steps=3, cfg_scale=2.0, schedule="cosine",
+                             generator=torch.Generator().manual_seed(2))
+    assert sampled.shape == (2, 16) and 0 <= int(sampled.min()) and int(sampled.max()) < 32
 
 
 def test_vq_decoding_is_chunked_and_matches_diffusers(meissonic_teacher, meissonic_folder):
