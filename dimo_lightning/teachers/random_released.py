@@ -96,7 +96,7 @@ def _perturb(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+                p.add_(0.1 * torch.randn(p.shape, generator=generator).to(p.device))
 
 
 def _half(module: torch.nn.Module, fp16: bool) -> torch.nn.Module:
