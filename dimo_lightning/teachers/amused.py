@@ -18,8 +18,8 @@ from dimo_lightning.checkpoints import load_state_dict_checked
 from dimo_lightning.teachers.meissonic import (
     AMUSED_REPOS,
     ReleasedTextTeacher,
-    _vq_block_channels,
     check_released_layout,
+    vq_downsample_factor,
 )
 from dimo_lightning.tokenizers.diffusers_vq import (
     build_diffusers_model,
@@ -68,7 +68,7 @@ class AmusedTeacher(ReleasedTextTeacher):
         grid = config.get("sample_size")
         if not isinstance(grid, int) or grid < 1:
             raise ValueError(f"{folder / 'config.json'}: sample_size (the token grid side) must be a positive integer")
-        resolution = grid * 2 ** (len(_vq_block_channels(root)) - 1)
+        resolution = grid * vq_downsample_factor(root)
         if micro_conds is None:
             micro_conds = [float(resolution), float(resolution), 0.0, 0.0, 6.0]
         super().__init__(grid, negative_prompt, 0.0, micro_conds)

@@ -124,7 +124,7 @@ class MeissonicTeacher(ReleasedTextTeacher):
     ) -> None:
         root = Path(path)
         check_released_layout(root, "Meissonic", MEISSONIC_REPO, transformer)
-        factor = 2 ** (len(_vq_block_channels(root)) - 1)  # 16 for the released VQ model
+        factor = vq_downsample_factor(root)  # 16 for the released VQ model
         step = factor * 2  # the transformer halves the token grid inside
         if resolution < step or resolution % step:
             raise ValueError(f"resolution must be a positive multiple of {step} (VQ stride {factor} x the "
@@ -139,11 +139,13 @@ class MeissonicTeacher(ReleasedTextTeacher):
                           config["pooled_projection_dim"], "Meissonic")
 
 
-def _vq_block_channels(root: Path) -> list[int]:
+def vq_downsample_factor(root: Path) -> int:
+    """Pixels per token side of the VQ model in ``root/vqvae`` (2^(levels - 1), 16 for the released one), read from
+    its config before any weights are."""
     from dimo_lightning.tokenizers.diffusers_vq import read_diffusers_config
 
     config = read_diffusers_config(root / "vqvae", "VQ model")
     channels = config.get("block_out_channels")
     if not isinstance(channels, list) or not channels:
         raise ValueError(f"{root / 'vqvae' / 'config.json'}: block_out_channels must be a non-empty list")
-    return channels
+    return 2 ** (len(channels) - 1)
