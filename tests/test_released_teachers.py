@@ -293,3 +293,18 @@ def test_fsdp_shards_each_block_of_the_released_networks(tmp_path, meissonic_tea
         shard_network(network, mesh)
         assert all(is_sharded(u) for u in units) and is_sharded(network)
         torch.testing.assert_close(network(*args), expected)
+
+
+@pytest.mark.parametrize("config", ["meissonic.yaml", "amused.yaml"])
+def test_released_configs_combine_with_the_strategy_fragments(config):
+    from dimo_lightning.cli import DiMOCLI
+
+    class ParseOnly(DiMOCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    for fragment, strategy in (("ddp.yaml", "ddp_find_unused_parameters_true"), ("fsdp.yaml", "ModelParallelStrategy")):
+        cli = ParseOnly(args=["--config", str(ROOT / "configs" / config), "--config",
+                              str(ROOT / "configs" / "strategy" / fragment)], run=False)
+        assert strategy in str(cli.config.trainer.strategy) and cli.config.trainer.precision == "bf16-mixed"
+        assert cli.config.model.init_args.teacher.init_args.gradient_checkpointing is True
