@@ -177,7 +177,9 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
                       ("tokenizer", "its tokenizer has no `export_record()`"),
                       ("conditioning", "only class-conditional students can be exported")):
         if records.get(name) is None:
-            raise ValueError(f"cannot export {ckpt_path}: {why}")
+            hint = "; text-to-image (Meissonic / aMUSEd) students export with --format diffusers" if (
+                name != "network") else ""
+            raise ValueError(f"cannot export {ckpt_path}: {why}{hint}")
     weights, source = student_weights(checkpoint, ema)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     out = Path(output)

@@ -225,7 +225,9 @@ def _fit(config: str, folder: Path, tmp_path: Path, *extra: str):
 def test_dimo_fit_with_the_released_config_then_export_as_a_diffusers_transformer(
     kind, tmp_path, meissonic_folder, amused_folder
 ):
+    from dimo_lightning.cli import main
     from dimo_lightning.export import export_student
+    from dimo_lightning.nn.meissonic import MeissonicTransformer
 
     if kind == "meissonic":
         folder = meissonic_folder
@@ -259,8 +261,14 @@ def test_dimo_fit_with_the_released_config_then_export_as_a_diffusers_transforme
     ema = module.student_ema.state_dict()  # StudentEMA's average: exported by default
     assert reloaded.network.state_dict().keys() == ema.keys()
     assert all(torch.equal(v, ema[k].float()) for k, v in reloaded.network.state_dict().items())
-    with pytest.raises(ValueError, match="cannot export .*last.ckpt"):  # the dimo format is class-conditional
-        export_student(ckpt, tmp_path / "plain")
+    with pytest.raises(ValueError, match="cannot export .*last.ckpt.*export with --format diffusers"):
+        export_student(ckpt, tmp_path / "plain")  # the dimo format is for class-conditional students
+    main(["export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "cli"), "--format", "diffusers", "--ema",
+          "false"])  # the `dimo export` command line
+    raw = MeissonicTransformer.from_pretrained(tmp_path / "cli" / "transformer") if kind == "meissonic" else (
+        AmusedTransformer.from_pretrained(str(tmp_path / "cli" / "transformer")))
+    student = module.student.state_dict()
+    assert all(torch.equal(v, student[k].float()) for k, v in raw.state_dict().items())
 
 
 def test_gpu_meissonic_script_dry_run(tmp_path, meissonic_folder):
