@@ -62,8 +62,8 @@ def shard_network(network: nn.Module, mesh, reshard_after_forward: bool = True) 
     returned unchanged.
 
     Args:
-        network: a :class:`~dimo_lightning.nn.transformer.MaskTransformer` or any module; submodules listed in
-            ``network.transformer.layers`` (when present) become their own units.
+        network: a :class:`~dimo_lightning.nn.transformer.MaskTransformer`, a Meissonic or aMUSEd network, or any
+            module; the blocks :func:`shard_units` lists become their own units.
         mesh: the data-parallel ``DeviceMesh`` (1-D) to shard over.
         reshard_after_forward: free the gathered parameters after each forward (ZeRO-3); False keeps them until
             the backward (ZeRO-2, more memory, fewer all-gathers).
@@ -75,10 +75,26 @@ def shard_network(network: nn.Module, mesh, reshard_after_forward: bool = True) 
 
     if is_sharded(network):
         return network
+    for block in shard_units(network):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(network, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return network
+
+
+# Block lists of the text-to-image networks: MeissonicTransformer (dual- and single-stream blocks) and the aMUSEd
+# UVit2DModel (transformer layers); each block becomes one FSDP unit.
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "transformer_layers")
+
+
+def shard_units(network: nn.Module) -> list[nn.Module]:
+    """The submodules :func:`shard_network` shards as their own units (the rest stays in the root unit)."""
+    units: list[nn.Module] = []
     layers = getattr(getattr(network, "transformer", None), "layers", None)
     for layer in layers if layers is not None else []:
         # A MaskTransformer layer is a ModuleList (attention, MLP) without a forward: shard its blocks.
-        for block in layer if isinstance(layer, nn.ModuleList) else [layer]:
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(network, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    return network
+        units.extend(layer if isinstance(layer, nn.ModuleList) else [layer])
+    for name in _BLOCK_LISTS:
+        blocks = getattr(network, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            units.extend(blocks)
+    return units

@@ -23,7 +23,7 @@ import math
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -149,28 +149,37 @@ def sampling_defaults(hparams: Mapping[str, Any], emb_noise_scale: float) -> dic
     }
 
 
-def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.safetensors``) of a checkpoint's student.
+def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None = None,
+                   format: Literal["dimo", "diffusers"] = "dimo") -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.safetensors``) of a checkpoint's student, or with
+    ``format="diffusers"`` its ``transformer/`` folder (see :func:`export_diffusers_transformer`).
 
     Args:
         ckpt_path: a DiMOModule Lightning checkpoint (``last.ckpt``). FSDP sharded checkpoints must first be
             consolidated (``python -m lightning.pytorch.utilities.consolidate_checkpoint DIR``).
         output: the folder to write (created; existing export files are overwritten).
         ema: see :func:`student_weights`.
+        format: "dimo" (Lightning-free :func:`load_student`) or "diffusers" (Meissonic / aMUSEd students).
 
     Returns:
         The output folder.
     """
+    if format not in ("dimo", "diffusers"):
+        raise ValueError(f"--format must be dimo or diffusers, got {format!r}")
     checkpoint = read_checkpoint(ckpt_path)
     records = (checkpoint.get("dimo") or {}).get("export")
     if not isinstance(records, Mapping):
         raise ValueError(f"{ckpt_path} (--ckpt_path) has no export record: it was written by an older dimo-lightning"
                          " (re-save it by resuming for one step) or not by DiMOModule")
+    if format == "diffusers":
+        return export_diffusers_transformer(checkpoint, records, ckpt_path, output, ema)
     for name, why in (("network", "its network has no `config` with its constructor arguments"),
                       ("tokenizer", "its tokenizer has no `export_record()`"),
                       ("conditioning", "only class-conditional students can be exported")):
         if records.get(name) is None:
-            raise ValueError(f"cannot export {ckpt_path}: {why}")
+            hint = "; text-to-image (Meissonic / aMUSEd) students export with --format diffusers" if (
+                name != "network") else ""
+            raise ValueError(f"cannot export {ckpt_path}: {why}{hint}")
     weights, source = student_weights(checkpoint, ema)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     out = Path(output)
@@ -199,6 +208,52 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
         "checkpoint": str(Path(ckpt_path).resolve()),
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+DIFFUSERS_SUBFOLDER = "transformer"
+DIFFUSERS_RECORD_FILE = "dimo_student.json"
+
+
+def export_diffusers_transformer(checkpoint: Mapping[str, Any], records: Mapping[str, Any], ckpt_path: str | Path,
+                                 output: str | Path, ema: bool | None = None) -> Path:
+    """The student as a diffusers-style ``OUTPUT/transformer/`` folder, as the official Meissonic distillation saves it:
+    ``config.json`` + ``diffusion_pytorch_model.safetensors`` in the released layout, so ``MeissonicTeacher(path,
+    transformer=OUTPUT/transformer)`` (or ``AmusedTeacher``, or the Meissonic / aMUSEd pipelines with the rest of
+    the released folder) load it. ``OUTPUT/dimo_student.json`` records the one-step sampling defaults and the source.
+
+    The network must be one with ``from_config`` and ``save_pretrained`` (MeissonicTransformer, AmusedTransformer).
+    """
+    from dimo_lightning.checkpoints import load_state_dict_checked
+
+    network_info = records.get("network")
+    if network_info is None:
+        raise ValueError(f"cannot export {ckpt_path}: its network has no `config` with its constructor arguments")
+    network_class = import_class(network_info["class_path"])
+    if not (hasattr(network_class, "from_config") and hasattr(network_class, "save_pretrained")):
+        raise ValueError(f"--format diffusers exports Meissonic / aMUSEd students; {ckpt_path} holds a "
+                         f"{network_info['class_path']} (use --format dimo)")
+    weights, source = student_weights(checkpoint, ema)
+    with torch.device("meta"):  # every tensor comes from the checkpoint
+        network = network_class.from_config(dict(network_info["init_args"]))
+    load_state_dict_checked(network, weights, str(ckpt_path), hint="the checkpoint's network record disagrees with "
+                            "its weights")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    network.save_pretrained(out / DIFFUSERS_SUBFOLDER)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    teacher = hparams.get("teacher")
+    record = {
+        "format": "dimo-student-diffusers",
+        "transformer": DIFFUSERS_SUBFOLDER,
+        "weights_source": source,
+        "network_class": network_info["class_path"],
+        "sampling": sampling_defaults(hparams, records.get("emb_noise_scale", 1.0)),
+        "teacher": teacher if isinstance(teacher, Mapping) else None,
+        "generator_step": int((checkpoint.get("dimo") or {}).get("generator_step", 0)),
+        "checkpoint": str(Path(ckpt_path).resolve()),
+    }
+    (out / DIFFUSERS_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 
@@ -324,15 +379,23 @@ def load_student(directory: str | Path, device: str | torch.device = "cpu") -> O
 
 
 # ---- `dimo export` and `dimo sample` ------------------------------------------------------------------------------
-def export_command(ckpt_path: str, output: str, ema: bool | None = None) -> None:
+def export_command(ckpt_path: str, output: str, ema: bool | None = None,
+                   format: Literal["dimo", "diffusers"] = "dimo") -> None:
     """Export the student of a DiMOModule checkpoint for Lightning-free sampling.
 
     Args:
         ckpt_path: the Lightning checkpoint (e.g. runs/mnist_dimo/version_0/checkpoints/last.ckpt).
         output: folder for model.safetensors, config.json (and tokenizer.safetensors).
         ema: true: the StudentEMA average; false: the raw student; unset: the EMA when the checkpoint has one.
+        format: dimo (model.safetensors + config.json for `dimo sample`) or diffusers (OUTPUT/transformer/ in the
+            released Meissonic / aMUSEd layout, loadable as MeissonicTeacher(transformer=...) or by their pipelines).
     """
-    out = export_student(ckpt_path, output, ema)
+    out = export_student(ckpt_path, output, ema, format)
+    if format == "diffusers":
+        record = json.loads((out / DIFFUSERS_RECORD_FILE).read_text())
+        print(f"exported the {record['weights_source']} student (generator step {record['generator_step']}) to "
+              f"{out / DIFFUSERS_SUBFOLDER}")
+        return
     config = json.loads((out / CONFIG_FILE).read_text())
     print(f"exported the {config['weights_source']} student (generator step {config['generator_step']}) to {out}")
 

@@ -186,8 +186,6 @@ class PromptTeacher(TextConditionalTeacher):
         micro_conds: list[float] | None = None,
     ) -> None:
         super().__init__(grid_size, negative_prompt, timestep, micro_conds)
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
         root = Path(path) if path is not None else asset_path(T2I_TEACHER_ASSET)
         for sub in ("transformer", "text_encoder", "tokenizer"):
             if not (root / sub).is_dir():
@@ -203,11 +201,7 @@ class PromptTeacher(TextConditionalTeacher):
         if self.tokenizer.codebook_size != self.network.codebook_size:
             raise ValueError(f"codebook {codebook_path} has {self.tokenizer.codebook_size} codes but the transformer "
                              f"in {root / 'transformer'} expects {self.network.codebook_size}")
-        try:
-            self.text_encoder = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder"))
-            self.text_tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load the text encoder / tokenizer of {root}: {err}") from err
+        self.text_encoder, self.text_tokenizer = load_clip_text_encoder(root / "text_encoder", root / "tokenizer")
         config = self.text_encoder.config
         if config.hidden_size != self.network.config["joint_attention_dim"] or (
             config.projection_dim != self.network.config["pooled_projection_dim"]
@@ -221,13 +215,57 @@ class PromptTeacher(TextConditionalTeacher):
         self.eval().requires_grad_(False)
 
     def encode_prompts(self, prompts: list[str]) -> TextCondition:
-        device = next(self.text_encoder.parameters()).device
-        tokens = self.text_tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                     return_tensors="pt")
-        was_training = self.text_encoder.training
-        self.text_encoder.eval()  # frozen and deterministic, whatever mode the module around it is in
-        try:
-            out = self.text_encoder(input_ids=tokens["input_ids"].to(device), output_hidden_states=True)
-        finally:
-            self.text_encoder.train(was_training)
-        return TextCondition(hidden_states=out.hidden_states[-2], pooled=out.text_embeds)
+        return encode_with_clip(self.text_encoder, self.text_tokenizer, prompts, self.max_length)
+
+
+# ---- the frozen CLIP text encoder, shared by every prompt teacher ---------------------------------------------------
+# Keys a transformers CLIP checkpoint may hold that the model does not (a non-persistent buffer in newer versions).
+_IGNORABLE_TEXT_ENCODER_KEYS = ("text_model.embeddings.position_ids",)
+
+
+def load_clip_text_encoder(encoder_folder: Path, tokenizer_folder: Path, variant: str | None = None):
+    """A frozen transformers ``CLIPTextModelWithProjection`` (float32, eval mode) and its tokenizer -> (encoder,
+    tokenizer), loaded strictly: missing, unexpected or mis-shaped weights fail with the folder named.
+
+    Args:
+        encoder_folder: ``text_encoder/`` (config.json + model.safetensors, or model.fp16.safetensors).
+        tokenizer_folder: ``tokenizer/`` (any transformers tokenizer folder; CLIPTokenizer for the released models).
+        variant: None (the fp32 file; the fp16 one when only it exists) or "fp16".
+    """
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    if variant is None and not (encoder_folder / "model.safetensors").is_file() and (
+        (encoder_folder / "model.fp16.safetensors").is_file()
+    ):
+        variant = "fp16"
+    try:
+        encoder, info = CLIPTextModelWithProjection.from_pretrained(
+            str(encoder_folder), variant=variant, dtype=torch.float32, output_loading_info=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load the text encoder {encoder_folder} / tokenizer {tokenizer_folder}: {err}") \
+            from err
+    problems = {kind: [k for k in info.get(kind, []) if not (isinstance(k, str) and k in _IGNORABLE_TEXT_ENCODER_KEYS)]
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        listed = "; ".join(f"{len(keys)} {kind.replace('_', ' ')}: {', '.join(map(str, keys[:4]))}"
+                           for kind, keys in problems.items())
+        raise ValueError(f"text encoder {encoder_folder} does not match its config.json ({listed})")
+    return encoder.eval().requires_grad_(False), tokenizer
+
+
+def encode_with_clip(text_encoder: nn.Module, tokenizer: Any, prompts: list[str], max_length: int) -> TextCondition:
+    """Prompts (B strings) -> TextCondition: ``hidden_states[-2]`` (B, max_length, D), the penultimate layer without
+    the final LayerNorm, and the pooled projection ``text_embeds`` (B, Dp), as the Meissonic / aMUSEd pipelines feed
+    their transformers. Prompts are padded and truncated to ``max_length`` tokens."""
+    device = next(text_encoder.parameters()).device
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    was_training = text_encoder.training
+    text_encoder.eval()  # frozen and deterministic, whatever mode the module around it is in
+    try:
+        out = text_encoder(input_ids=tokens["input_ids"].to(device), output_hidden_states=True)
+    finally:
+        text_encoder.train(was_training)
+    return TextCondition(hidden_states=out.hidden_states[-2], pooled=out.text_embeds)
