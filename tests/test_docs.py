@@ -28,7 +28,7 @@ def _named_paths(markdown: str) -> set[str]:
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/imagenet.md", "docs/cli_errors.md", "docs/evaluation.md",
                                  "docs/distributed.md", "docs/bench.md", "docs/sweeps.md", "docs/soft-dimo.md",
-                                 "docs/text-to-image.md"])
+                                 "docs/text-to-image.md", "docs/meissonic.md"])
 def test_every_path_named_in_the_docs_exists(doc):
     paths = _named_paths((ROOT / doc).read_text())
     assert paths, "the path extraction found nothing"
