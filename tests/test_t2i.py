@@ -14,6 +14,7 @@ import torch
 from test_prompt_teacher import FakePromptTeacher
 
 from dimo_lightning.callbacks.fid import FIDMonitor
+from dimo_lightning.callbacks.report import EvaluationReport
 from dimo_lightning.callbacks.samples import SampleGrid
 from dimo_lightning.callbacks.writer import SampleWriter, iter_prediction_shards, read_prediction_index
 from dimo_lightning.cli import DiMOCLI, main
@@ -167,14 +168,18 @@ def test_report_table_has_prompt_columns_and_label_rows_keep_their_layout(tmp_pa
 
 
 # ---- SampleGrid, FIDMonitor and `dimo predict` with prompts ------------------------------------------------
-def test_grid_and_fid_monitor_with_prompts(tmp_path):
+def test_grid_fid_monitor_and_report_with_prompts(tmp_path):
     prompts = write_prompts(tmp_path / "p.txt", CAPTIONS)
     dm = PromptDataModule(train_prompts=prompts, eval_prompts=prompts, batch_size=4, batches_per_epoch=2)
     grid = SampleGrid(every_n_generator_steps=100, samples_per_class=2, max_rows=3, batch_size=4)
     fid = FIDMonitor(every_n_generator_steps=1, num_samples=6, batch_size=4)
+    report = EvaluationReport(num_samples=6, teacher_steps=[2], batch_size=4)
     module = DiMOModule(FakePromptTeacher(), max_generator_steps=1, seed=0)
-    trainer = fit_trainer(tmp_path, [grid, fid])
+    trainer = fit_trainer(tmp_path, [grid, fid, report])
     trainer.fit(module, dm)
+    assert [(r.model, r.steps) for r in report.rows] == [("teacher", 2), ("student", 1)]
+    assert all(r.scores_prompts and 0 <= r.accuracy <= 1 for r in report.rows)
+    assert "| class acc. | thickness acc. | slant acc. |" in (Path(trainer.log_dir) / "eval.md").read_text()
     assert grid.last_path.name == "step_000001.png"
     assert grid.last_path.with_suffix(".txt").read_text().splitlines() == CAPTIONS[:3]  # one prompt per row
     logged = trainer.callback_metrics
