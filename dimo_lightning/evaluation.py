@@ -3,7 +3,9 @@
 Rows: the teacher's MaskGIT decoder at each step count (with its CFG) and the student at one step, each scored on
 a balanced, seeded set of samples against real reference statistics: FID, KID, precision, recall, Inception Score
 (from the features of a registered torch-fidelity extractor, :mod:`dimo_lightning.metrics.features`), class
-accuracy (for label conditions with a class-accuracy network) and images/s.
+accuracy (for label conditions with a class-accuracy network) and images/s. For prompt conditions scored with the
+MNIST classifier (captioned MNIST), the class, thickness and slant accuracy against each prompt
+(:func:`dimo_lightning.data.captions.attribute_hits`) replace the single accuracy column.
 
 At scale (:func:`sharded_sample_features`) each rank samples, decodes and extracts features of its own share of the
 samples; only features are gathered. :func:`generate_images` and :func:`score` are the single-process path of the
@@ -29,6 +31,9 @@ from dimo_lightning.metrics.features import FeatureExtractor, ReferenceStats, me
 from dimo_lightning.teachers.base import MaskedTeacher
 
 REPORT_COLUMNS = ("fid", "kid", "precision", "recall", "accuracy", "images_per_s", "is")
+# Prompt faithfulness (prompt conditions): "accuracy" holds the class accuracy, these two the other attributes.
+PROMPT_COLUMNS = ("thickness_accuracy", "slant_accuracy")
+PROMPT_ATTRIBUTES = ("class", "thickness", "slant")  # the order of the counts in SampleFeatures.attribute_counts
 
 
 @dataclass
@@ -44,11 +49,22 @@ class EvalRow:
     accuracy: float | None
     images_per_s: float
     inception_score: float | None = None
+    thickness_accuracy: float | None = None
+    slant_accuracy: float | None = None
+
+    @property
+    def scores_prompts(self) -> bool:
+        """Whether the row has prompt-faithfulness columns (``accuracy`` is then the class accuracy)."""
+        return self.thickness_accuracy is not None or self.slant_accuracy is not None
 
     def as_dict(self) -> dict[str, Any]:
-        """The row with the report's column names (``is`` for the Inception Score)."""
+        """The row with the report's column names (``is`` for the Inception Score); the prompt columns only for
+        prompt conditions (label rows keep their layout)."""
         row = asdict(self)
         row["is"] = row.pop("inception_score")
+        if not self.scores_prompts:
+            for name in PROMPT_COLUMNS:
+                del row[name]
         return row
 
 
@@ -147,14 +163,25 @@ class SampleFeatures:
     Attributes:
         features: (N, D) extractor features, in global sample order, on this rank's device.
         logits: (N, L) extractor logits for the Inception Score, or None.
-        accuracy: share of samples the accuracy network reads as their label (None without labels or network).
+        accuracy: share of samples the accuracy network reads as their label (None without labels or network);
+            for prompt conditions the class accuracy against the prompts' digits.
         images_per_s: samples / the slowest rank's sampling time (codes only, not decoding or features).
+        attribute_counts: prompt conditions scored with the MNIST classifier: ``{attribute: (hits, judged)}`` for
+            ``class``, ``thickness`` and ``slant``, summed over all ranks; None otherwise.
     """
 
     features: torch.Tensor
     logits: torch.Tensor | None
     accuracy: float | None
     images_per_s: float
+    attribute_counts: dict[str, tuple[int, int]] | None = None
+
+    def attribute_accuracy(self, attribute: str) -> float | None:
+        """hits / judged of ``attribute`` (None without prompt scoring, NaN if no prompt named it)."""
+        if self.attribute_counts is None:
+            return None
+        hits, judged = self.attribute_counts[attribute]
+        return hits / judged if judged else float("nan")
 
 
 @torch.no_grad()
@@ -180,7 +207,10 @@ def sharded_sample_features(
         extractor: the feature extractor (on this rank's device).
         batch_size: conditions per forward.
         seed: base seed.
-        accuracy_network: images -> class logits; used only when the conditions are labels.
+        accuracy_network: images -> class logits. Label conditions: the share read as their label. Prompt
+            conditions (lists of strings; 28x28 images): the class, thickness and slant hits against each prompt
+            (:func:`~dimo_lightning.data.captions.attribute_hits`), counted per batch on each rank and summed over
+            ranks in the one small collective that also carries the timings (no image leaves its rank).
     """
     from dimo_lightning.callbacks.common import (
         are_labels,
@@ -197,7 +227,10 @@ def sharded_sample_features(
     total = condition_count(conditions)
     counts = rank_counts(total, batch_size, world)
     with_accuracy = accuracy_network is not None and are_labels(conditions)
+    with_prompts = accuracy_network is not None and not are_labels(conditions)
     features, logits, correct, elapsed = [], [], torch.zeros((), device=device), 0.0
+    # prompt scoring: (hits, judged) per attribute of PROMPT_ATTRIBUTES, this rank's batches
+    attribute_counts = torch.zeros(2 * len(PROMPT_ATTRIBUTES), dtype=torch.float64, device=device)
     mine = rank_batches(total, batch_size, rank, world)
     # Every rank runs as many forwards as the busiest one (ranks differ by at most one batch; a rank with none
     # repeats batch 0 and drops the result): a sharded (FSDP) network gathers its parameters in every forward,
@@ -221,6 +254,8 @@ def sharded_sample_features(
         if with_accuracy:
             predicted = accuracy_network(images[:, :1]).argmax(1)
             correct += (predicted == batch.to(device)).sum()
+        elif with_prompts:
+            attribute_counts += _prompt_hits(images, batch, accuracy_network)
     width = extractor.feature_dim
     mine_features = torch.cat(features) if features else torch.zeros(0, width, device=device)
     all_features = gather_rows(pl_module, mine_features, counts)
@@ -229,26 +264,59 @@ def sharded_sample_features(
         # a rank without batches still joins the gather, with an empty block of the right width
         mine_logits = torch.cat(logits) if logits else torch.zeros(0, extractor.logits_dim, device=device)
         all_logits = gather_rows(pl_module, mine_logits, counts)
-    totals = pl_module.all_gather(torch.stack([correct.double(), torch.tensor(elapsed, device=device).double()]))
-    totals = totals.reshape(-1, 2)
+    # One small collective for the counts and the timing: (world, 2 + 6) -> counts summed, the slowest rank's time.
+    mine_totals = torch.cat([torch.stack([correct.double(), torch.tensor(elapsed, device=device).double()]),
+                             attribute_counts])
+    totals = pl_module.all_gather(mine_totals).reshape(-1, len(mine_totals))
     accuracy = float(totals[:, 0].sum()) / total if with_accuracy else None
-    return SampleFeatures(all_features, all_logits, accuracy, total / max(float(totals[:, 1].max()), 1e-9))
+    images_per_s = total / max(float(totals[:, 1].max()), 1e-9)
+    counts = None
+    if with_prompts:
+        summed = totals[:, 2:].sum(0).round().long().tolist()
+        counts = {name: (summed[2 * i], summed[2 * i + 1]) for i, name in enumerate(PROMPT_ATTRIBUTES)}
+        hits, judged = counts["class"]
+        accuracy = hits / judged if judged else float("nan")
+    return SampleFeatures(all_features, all_logits, accuracy, images_per_s, counts)
+
+
+def _prompt_hits(images: torch.Tensor, prompts: list[str], accuracy_network: nn.Module) -> torch.Tensor:
+    """(hits, judged) of each attribute of PROMPT_ATTRIBUTES, flattened (6,) float64 on the images' device."""
+    from dimo_lightning.data.captions import attribute_hits
+
+    if images.shape[-2:] != (28, 28):
+        raise ValueError(f"prompt faithfulness (accuracy_network mnist-cnn) scores 28x28 captioned-MNIST images, got "
+                         f"{list(images.shape[-2:])}: set accuracy_network to null for other prompt teachers")
+    predicted = accuracy_network(images[:, :1]).argmax(1)
+    hits = attribute_hits(images[:, 0], list(prompts), predicted)
+    flat = [float(v) for name in PROMPT_ATTRIBUTES for v in hits[name]]
+    return torch.tensor(flat, dtype=torch.float64, device=images.device)
 
 
 def evaluation_row(name: str, steps: int, samples: SampleFeatures, reference: ReferenceStats) -> EvalRow:
     """Metrics of gathered sample features against the reference -> a report row."""
     metrics = metrics_from_features(samples.features, reference, samples.logits)
     return EvalRow(name, steps, metrics["fid"], metrics["kid"], metrics["precision"], metrics["recall"],
-                   samples.accuracy, samples.images_per_s, metrics["is"])
+                   samples.accuracy, samples.images_per_s, metrics["is"],
+                   samples.attribute_accuracy("thickness"), samples.attribute_accuracy("slant"))
+
+
+def _fraction(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "-"
 
 
 def format_table(rows: Sequence[EvalRow]) -> str:
-    """A Markdown table of the rows."""
+    """A Markdown table of the rows (prompt rows: class, thickness and slant accuracy instead of one accuracy)."""
     with_is = any(r.inception_score is not None for r in rows)
-    header = "| model | steps | FID | KID | precision | recall | accuracy | images/s |" + (" IS |" if with_is else "")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_is else "")]
+    prompts = any(r.scores_prompts for r in rows)
+    accuracy = "class acc. | thickness acc. | slant acc." if prompts else "accuracy"
+    header = f"| model | steps | FID | KID | precision | recall | {accuracy} | images/s |"
+    header += " IS |" if with_is else ""
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if prompts else "")
+             + ("---:|" if with_is else "")]
     for r in rows:
-        acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+        acc = _fraction(r.accuracy)
+        if prompts:
+            acc += f" | {_fraction(r.thickness_accuracy)} | {_fraction(r.slant_accuracy)}"
         line = (f"| {r.model} | {r.steps} | {r.fid:.3f} | {r.kid:.4f} | {r.precision:.3f} | {r.recall:.3f} | {acc} | "
                 f"{r.images_per_s:.0f} |")
         if with_is:

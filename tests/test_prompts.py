@@ -73,8 +73,6 @@ def test_missing_files_and_bad_sources(tmp_path):
     assert load_prompts("test_prompts:generated_prompts") == ["a", "b", "c"]
     with pytest.raises(ValueError, match="batch_size"):
         PromptDataModule(batch_size=0)
-    with pytest.raises(ValueError, match="negative_prompt"):
-        PromptDataModule(negative_prompt="  ")
 
 
 def test_stream_shards_ranks_into_disjoint_deterministic_passes(tmp_path):
@@ -151,15 +149,32 @@ def test_resume_from_a_lightning_checkpoint_is_exact(tmp_path):
     assert part + rest == full
 
 
-def test_evaluation_predict_and_negative_prompt(tmp_path):
+def test_evaluation_grid_and_predict_prompts(tmp_path):
     train = write_txt(tmp_path / "train.txt", PROMPTS)
     held_out = write_txt(tmp_path / "eval.txt", ["held out a", "held out b", "held out c"])
-    dm = PromptDataModule(train_prompts=train, eval_prompts=held_out, batch_size=2, predict_samples=5,
-                          negative_prompt="blurry")
-    assert dm.negative_prompt == "blurry"
+    dm = PromptDataModule(train_prompts=train, eval_prompts=held_out, batch_size=2, predict_samples=5)
     assert dm.evaluation_conditions(4) == ["held out a", "held out b", "held out c", "held out a"]
+    assert dm.grid_conditions(2) == ["held out a", "held out b"] and len(dm.grid_conditions(10)) == 3
     assert list(dm.val_dataloader()) == [["held out a", "held out b"]]
-    assert list(dm.predict_dataloader()) == [["held out a", "held out b"], ["held out c", "held out a"],
-                                             ["held out b"]]
+    batches = list(dm.predict_dataloader())
+    assert [b["conditions"] for b in batches] == [["held out a", "held out b"], ["held out c", "held out a"],
+                                                  ["held out b"]]
+    assert [b["index"].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
     listed = PromptDataModule(train_prompts=train, eval_prompts=held_out, predict_prompts=train, batch_size=4)
-    assert [p for b in listed.predict_dataloader() for p in b] == PROMPTS
+    assert [p for b in listed.predict_dataloader() for p in b["conditions"]] == PROMPTS
+
+
+def test_predict_prompts_shard_across_ranks_in_order(tmp_path, monkeypatch):
+    from dimo_lightning.data import labels as labels_module
+
+    held_out = write_txt(tmp_path / "eval.txt", [f"prompt {i}" for i in range(7)])
+    dm = PromptDataModule(train_prompts=held_out, eval_prompts=held_out, batch_size=3, predict_samples=10)
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setattr(labels_module, "_rank_and_world", lambda rank=rank: (rank, 2))
+        per_rank.append(list(dm.predict_dataloader()))
+    assert len(per_rank[0]) == len(per_rank[1]) == 2  # 4 global batches; equal step counts on both ranks
+    real = [b for batches in per_rank for b in batches if len(b["index"])]
+    index = [i for b in real for i in b["index"].tolist()]
+    assert index == list(range(10))  # each global sample once, rank 0 first
+    assert [p for b in real for p in b["conditions"]] == [f"prompt {i % 7}" for i in range(10)]

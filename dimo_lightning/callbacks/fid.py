@@ -26,7 +26,9 @@ from dimo_lightning.callbacks.ema import evaluation_student
 
 class FIDMonitor(Callback):
     """Every ``every_n_generator_steps`` student updates, score the (EMA) student and log ``val/fid``, ``val/kid``,
-    ``val/precision``, ``val/recall``, ``val/is`` (extractors with logits) and ``val/accuracy`` (label conditions).
+    ``val/precision``, ``val/recall``, ``val/is`` (extractors with logits) and ``val/accuracy`` (label conditions;
+    for prompt conditions the class accuracy against the prompts, plus ``val/thickness_accuracy`` and
+    ``val/slant_accuracy``: captioned-MNIST prompt faithfulness, counted on each rank and summed).
 
     Each rank samples, decodes and extracts features of its own share of the ``num_samples`` conditions on its own
     device, in batches; only the features are gathered (2,048 floats per image for Inception). Every rank computes
@@ -160,6 +162,8 @@ class FIDMonitor(Callback):
         metrics = metrics_from_features(samples.features, self.reference, samples.logits)
         metrics = {"fid": metrics["fid"], "kid": metrics["kid"], "precision": metrics["precision"],
                    "recall": metrics["recall"], "is": metrics["is"], "accuracy": samples.accuracy}
+        if samples.attribute_counts is not None:  # prompt conditions: the other two attributes of the prompts
+            metrics.update({f"{name}_accuracy": samples.attribute_accuracy(name) for name in ("thickness", "slant")})
         metrics = trainer.strategy.broadcast(metrics, src=0)  # rank zero's numbers everywhere, bit for bit
         self.evaluations += 1
         rank_zero_info(f"generator step {pl_module.generator_step}: " +

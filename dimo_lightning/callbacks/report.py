@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from dimo_lightning.callbacks.common import (
+    are_labels,
     check_accuracy_network,
     evaluation_conditions,
     load_accuracy_network,
@@ -129,6 +130,7 @@ class EvaluationReport(Callback):
                 "teacher_cfg_scale": cfg,
                 "teacher_choice_temperature": tau,
                 "student": "ema" if student is not pl_module.student else "raw",
+                "conditions": "labels" if are_labels(conditions) else "prompts",
                 "world_size": trainer.world_size,
             }
             self.written = write_report(self.rows, directory, meta)

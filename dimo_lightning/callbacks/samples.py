@@ -43,6 +43,10 @@ class SampleGrid(Callback):
     samples of a few fixed conditions (a row each) with a fixed seed, in batches of ``batch_size``; log the grid to
     TensorBoard as ``samples/student`` and save ``samples/step_XXXXXX.png`` in the run directory.
 
+    With prompt conditions (a DataModule whose ``grid_conditions`` gives prompts, e.g. ``PromptDataModule``: its
+    first held-out prompts), the row prompts, top to bottom, go into the sidecar ``samples/step_XXXXXX.txt`` (one per
+    line) and into TensorBoard as the text ``samples/prompts``.
+
     Every rank renders the same (small) grid, so no rank runs a forward the others skip (sharded models need every
     rank in each forward); rank zero writes it.
 
@@ -81,11 +85,15 @@ class SampleGrid(Callback):
         self._last_step = -1
         self.last_path = None
 
-    @torch.no_grad()
-    def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
-        """The grid image (C, H, W) of the current (EMA) student: at most ``max_rows`` x ``max_columns`` samples."""
+    def row_conditions(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """The conditions of the grid's rows, top to bottom (a label tensor or a list of prompts)."""
         rows = grid_conditions(trainer, pl_module, self.classes, self.max_rows)
-        rows = slice_conditions(rows, 0, self.max_rows)
+        return slice_conditions(rows, 0, self.max_rows)
+
+    @torch.no_grad()
+    def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rows: Any = None) -> torch.Tensor:
+        """The grid image (C, H, W) of the current (EMA) student: at most ``max_rows`` x ``max_columns`` samples."""
+        rows = self.row_conditions(trainer, pl_module) if rows is None else rows
         conditions = repeat_each(rows, self.columns)
         sampler, network = student_sampler(pl_module), evaluation_student(pl_module)
         images = []
@@ -102,16 +110,23 @@ class SampleGrid(Callback):
         self._last_step = step
         # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it, before the rank-zero branch.
         directory = run_directory(trainer) / "samples"
-        grid = self.render(trainer, pl_module)
+        rows = self.row_conditions(trainer, pl_module)
+        grid = self.render(trainer, pl_module, rows)
         if not trainer.is_global_zero:
             return
         directory.mkdir(parents=True, exist_ok=True)
         self.last_path = directory / f"step_{step:06d}.png"
         save_image(grid, self.last_path)
+        prompts = None if isinstance(rows, torch.Tensor) else [str(p) for p in rows]
+        if prompts is not None:  # the rows' prompts next to the PNG, one per line, top to bottom
+            self.last_path.with_suffix(".txt").write_text("".join(f"{p}\n" for p in prompts))
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):
                 experiment.add_image("samples/student", grid, global_step=step)
+            if prompts is not None and hasattr(experiment, "add_text"):
+                text = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))  # Markdown list, a row each
+                experiment.add_text("samples/prompts", text, global_step=step)
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:

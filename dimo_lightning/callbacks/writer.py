@@ -3,9 +3,12 @@
 Layout of an output folder (``<run dir>/predictions`` or ``output_dir``):
 
 - ``samples_XXXXXXXX.npz`` (the global index of its first sample): ``images`` uint8 (B, H, W, C) (ADM's layout),
-  ``labels`` (B,) (the conditions: int64 labels, or strings for prompts) and ``index`` int64 (B,) global indices;
-- ``png/XXXXXX_<label>.png`` (``XXXXXX.png`` for non-label conditions) for the first ``max_png`` global indices;
-- ``index.json`` (written last, by rank zero): ``count``, ``image_shape`` and the shards in global order.
+  the conditions, ``labels`` int64 (B,) for class labels or ``prompts`` (B,) unicode strings for prompts, and
+  ``index`` int64 (B,) global indices;
+- ``png/XXXXXX_<label>.png`` (labels) or ``png/XXXXXX.png`` with the prompt in the PNG's ``prompt`` text chunk
+  (prompts; ``PIL.Image.open(path).text["prompt"]``) for the first ``max_png`` global indices;
+- ``index.json`` (written last, by rank zero): ``count``, ``image_shape``, ``conditions`` (``labels`` or
+  ``prompts``) and the shards in global order.
 """
 
 from __future__ import annotations
@@ -26,10 +29,27 @@ from dimo_lightning.callbacks.common import run_directory
 INDEX_FILE = "index.json"
 
 
-def _as_numpy_conditions(conditions: Any) -> np.ndarray:
+CONDITION_KEYS = ("labels", "prompts")  # the npz key of the conditions: class labels or prompt strings
+
+
+def _as_numpy_conditions(conditions: Any) -> tuple[str, np.ndarray]:
+    """(npz key, array) of a batch of conditions: ``labels`` for a tensor, ``prompts`` (unicode) for strings."""
     if isinstance(conditions, torch.Tensor):
-        return conditions.detach().cpu().numpy()
-    return np.asarray([str(c) for c in conditions])
+        return "labels", conditions.detach().cpu().numpy()
+    if all(isinstance(c, str) for c in conditions):
+        return "prompts", np.asarray(list(conditions), dtype=np.str_)
+    return "labels", np.asarray(conditions)
+
+
+def _save_png_with_prompt(image: torch.Tensor, path: Path, prompt: str) -> None:
+    """``image`` (C, H, W) in [0, 1] as a PNG (rounded as ``save_image`` does) with ``prompt`` as its text chunk."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    pixels = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    info = PngInfo()
+    info.add_itxt("prompt", prompt)  # iTXt: UTF-8, any prompt
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path, pnginfo=info)
 
 
 class SampleWriter(BasePredictionWriter):
@@ -78,14 +98,19 @@ class SampleWriter(BasePredictionWriter):
         if len(index) == 0:  # a padding batch (equal step counts on every rank): nothing to write
             del prediction["images"]
             return
-        labels = _as_numpy_conditions(prediction["labels"])
+        key, conditions = _as_numpy_conditions(prediction["labels"])
+        if len(conditions) != len(index):
+            raise ValueError(f"SampleWriter: {len(conditions)} conditions for {len(index)} samples")
         pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)  # (B, C, H, W), as save_image rounds
-        self._buffer.append({"images": pixels.permute(0, 2, 3, 1).cpu().numpy(), "labels": labels, "index": index})
+        self._buffer.append({"images": pixels.permute(0, 2, 3, 1).cpu().numpy(), key: conditions, "index": index})
         if self.max_png:
             png_dir = self.path / "png"
             for i in np.flatnonzero(index < self.max_png):
                 png_dir.mkdir(exist_ok=True)
-                suffix = f"_{labels[i]}" if np.issubdtype(labels.dtype, np.integer) else ""  # prompts: index only
+                if key == "prompts":  # file name: the index; the prompt rides in the PNG's text chunk
+                    _save_png_with_prompt(images[i], png_dir / f"{index[i]:06d}.png", str(conditions[i]))
+                    continue
+                suffix = f"_{conditions[i]}" if np.issubdtype(conditions.dtype, np.integer) else ""
                 save_image(images[i].float().cpu(), png_dir / f"{index[i]:06d}{suffix}.png")
         del prediction["images"]  # Lightning keeps the returned predictions: not the images
         if sum(len(b["index"]) for b in self._buffer) >= self.shard_size:
@@ -94,7 +119,10 @@ class SampleWriter(BasePredictionWriter):
     def _flush(self) -> None:
         if not self._buffer:
             return
-        shard = {key: np.concatenate([b[key] for b in self._buffer]) for key in ("images", "labels", "index")}
+        keys = [key for key in ("images", *CONDITION_KEYS, "index") if key in self._buffer[0]]
+        if any(set(b) != set(keys) for b in self._buffer):
+            raise ValueError("SampleWriter: a predict run mixed label and prompt conditions")
+        shard = {key: np.concatenate([b[key] for b in self._buffer]) for key in keys}
         self._buffer = []
         target = self.path / f"samples_{int(shard['index'][0]):08d}.npz"
         tmp = target.with_name(target.stem + ".tmp.npz")
@@ -113,19 +141,23 @@ class SampleWriter(BasePredictionWriter):
 def write_prediction_index(directory: str | Path) -> dict:
     """Check the shards of ``directory`` (every global index 0..N-1 exactly once) and write ``index.json``."""
     directory = Path(directory)
-    shards, expected, image_shape = [], 0, None
+    shards, expected, image_shape, kinds = [], 0, None, set()
     for path in sorted(directory.glob("samples_*.npz")):
         if path.name.endswith(".tmp.npz"):
             continue
         with np.load(path) as data:
             index = data["index"]
             image_shape = list(data["images"].shape[1:])
+            kinds.update(key for key in CONDITION_KEYS if key in data.files)
         if len(index) == 0 or not np.array_equal(index, np.arange(expected, expected + len(index))):
             raise ValueError(f"{path}: global indices {index[:3]}... do not continue from {expected}: a sample is "
                              "missing or written twice")
         shards.append({"file": path.name, "first": int(index[0]), "count": int(len(index))})
         expected += len(index)
-    payload = {"count": expected, "image_shape": image_shape, "shards": shards}
+    if len(kinds) > 1:
+        raise ValueError(f"{directory}: shards mix class labels and prompts (an earlier run's shards?)")
+    payload = {"count": expected, "image_shape": image_shape, "conditions": next(iter(kinds), None),
+               "shards": shards}
     tmp = directory / (INDEX_FILE + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
     tmp.replace(directory / INDEX_FILE)
@@ -142,8 +174,8 @@ def read_prediction_index(directory: str | Path) -> dict:
 
 def iter_prediction_shards(directory: str | Path) -> Iterator[dict[str, np.ndarray]]:
     """The shards of a ``dimo predict`` folder in global order, one at a time: ``images`` uint8 (B, H, W, C),
-    ``labels`` (B,), ``index`` (B,)."""
+    the conditions (``labels`` (B,) or ``prompts`` (B,) strings) and ``index`` (B,)."""
     directory = Path(directory)
     for shard in read_prediction_index(directory)["shards"]:
         with np.load(directory / shard["file"]) as data:
-            yield {key: data[key] for key in ("images", "labels", "index")}
+            yield {key: data[key] for key in ("images", *CONDITION_KEYS, "index") if key in data.files}

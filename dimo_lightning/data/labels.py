@@ -108,14 +108,19 @@ class PredictConditions(IterableDataset):
     def __len__(self) -> int:
         return len(self.batches())
 
+    def conditions(self, index: torch.Tensor) -> Any:
+        """The conditions of the global indices ``index`` (B,): labels ``index % num_classes`` here; subclasses
+        return other kinds (a list of prompts: :class:`~dimo_lightning.data.prompts.PromptPredictConditions`)."""
+        return index % self.num_classes
+
     def __iter__(self):
         for span in self.batches():
             if span is None:  # padding: batch 0's conditions, no global index (SampleWriter writes nothing)
-                conditions = torch.arange(min(self.batch_size, self.num_samples)) % self.num_classes
+                conditions = self.conditions(torch.arange(min(self.batch_size, self.num_samples)))
                 yield {"conditions": conditions, "index": torch.zeros(0, dtype=torch.long)}
                 continue
             index = torch.arange(*span)
-            yield {"conditions": index % self.num_classes, "index": index}
+            yield {"conditions": self.conditions(index), "index": index}
 
 
 class ClassLabelDataModule(pl.LightningDataModule):

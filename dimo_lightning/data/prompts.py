@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from dimo_lightning.data.labels import ResumableLoader, _rank_and_world
+from dimo_lightning.data.labels import PredictConditions, ResumableLoader, _rank_and_world
 
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
 
@@ -187,11 +187,14 @@ class PromptStream(IterableDataset):
 class PromptDataModule(pl.LightningDataModule):
     """Conditions only: batches of prompts (lists of strings); the teacher encodes them.
 
+    The negative prompt is not data: it is set in one place, the teacher's ``negative_prompt``
+    (``--model.init_args.teacher.init_args.negative_prompt``), which owns CFG wherever the teacher is sampled or
+    gives targets (training, the report, ``dimo predict``).
+
     Args:
         train_prompts: training prompts: a ``.txt`` / ``.jsonl`` file or a ``package.module:function`` generator.
         eval_prompts: held-out prompts for evaluation (a separate file or split); None reuses ``train_prompts``.
         predict_prompts: prompts ``dimo predict`` samples, in order; None uses ``eval_prompts``.
-        negative_prompt: optional negative prompt for the teacher's CFG (its unconditional branch).
         batch_size: prompts per batch per rank (the Di[M]O batch size B).
         batches_per_epoch: batches in one Lightning epoch (epochs only pace logging and checkpoints).
         seed: seed of the per-pass shuffling.
@@ -205,7 +208,6 @@ class PromptDataModule(pl.LightningDataModule):
         train_prompts: str = "dimo_lightning.data.captions:train_prompts",
         eval_prompts: str | None = "dimo_lightning.data.captions:eval_prompts",
         predict_prompts: str | None = None,
-        negative_prompt: str | None = None,
         batch_size: int = 64,
         batches_per_epoch: int = 100,
         seed: int = 0,
@@ -217,12 +219,9 @@ class PromptDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size and batches_per_epoch must be >= 1, got {batch_size}, {batches_per_epoch}")
         if predict_samples is not None and predict_samples < 1:
             raise ValueError(f"predict_samples must be >= 1 or None, got {predict_samples}")
-        if negative_prompt is not None and not negative_prompt.strip():
-            raise ValueError("negative_prompt must be None or a non-empty string (the null prompt is built in)")
         self.train_prompts = train_prompts
         self.eval_prompts = eval_prompts
         self.predict_prompts = predict_prompts
-        self.negative_prompt = negative_prompt
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
@@ -248,6 +247,12 @@ class PromptDataModule(pl.LightningDataModule):
         prompts = self.prompts("eval")
         return _take(prompts, [i % len(prompts) for i in range(num_samples)])
 
+    def grid_conditions(self, rows: int) -> list[str]:
+        """The first ``rows`` held-out prompts: one row each of :class:`~dimo_lightning.callbacks.samples.SampleGrid`
+        (for the captioned-MNIST prompts, one per digit, in class order)."""
+        prompts = self.prompts("eval")
+        return _take(prompts, range(min(rows, len(prompts))))
+
     def train_dataloader(self) -> DataLoader:
         if self._stream is None:
             self._stream = PromptStream(self.prompts("train"), self.batch_size, self.batches_per_epoch, self.seed,
@@ -259,21 +264,27 @@ class PromptDataModule(pl.LightningDataModule):
         return DataLoader([self.evaluation_conditions(self.batch_size)], batch_size=None)
 
     def predict_dataloader(self) -> DataLoader:
-        """``predict_samples`` prompts of ``predict_prompts`` in order, batches of lists of strings."""
+        """``predict_samples`` prompts of ``predict_prompts`` in order (global sample i is prompt i, cycling), as
+        batches ``{"conditions": [B prompts], "index": (B,) global indices}``, each rank a contiguous share
+        (:class:`PromptPredictConditions`), so ``SampleWriter`` stores every prompt with its sample, in order."""
         prompts = self.prompts("predict")
         count = len(prompts) if self.predict_samples is None else self.predict_samples
-        return DataLoader(_PromptList(prompts, count), batch_size=self.batch_size, collate_fn=list)
+        return DataLoader(PromptPredictConditions(prompts, count, self.batch_size), batch_size=None)
 
 
-class _PromptList(torch.utils.data.Dataset):
-    """``count`` prompts cycling through ``prompts`` (map-style, so Lightning can shard it across ranks)."""
+class PromptPredictConditions(PredictConditions):
+    """``dimo predict``'s prompts: global sample ``i`` gets prompt ``i % len(prompts)``; sharding, batching and
+    padding as in :class:`~dimo_lightning.data.labels.PredictConditions`.
 
-    def __init__(self, prompts: Sequence[str], count: int) -> None:
+    Args:
+        prompts: the prompts, in order.
+        num_samples: samples over all ranks.
+        batch_size: prompts per batch.
+    """
+
+    def __init__(self, prompts: Sequence[str], num_samples: int, batch_size: int) -> None:
+        super().__init__(num_samples, num_classes=1, batch_size=batch_size)
         self.prompts = prompts
-        self.count = count
 
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> str:
-        return self.prompts[index % len(self.prompts)]
+    def conditions(self, index: torch.Tensor) -> list[str]:
+        return _take(self.prompts, [int(i) % len(self.prompts) for i in index])
