@@ -44,11 +44,19 @@ class EvalRow:
     accuracy: float | None
     images_per_s: float
     inception_score: float | None = None
+    # The second distance (a feature space that is not a classifier's, e.g. ``mnist-dae``), when configured.
+    fid2: float | None = None
+    precision2: float | None = None
+    recall2: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The row with the report's column names (``is`` for the Inception Score)."""
+        """The row with the report's column names (``is`` for the Inception Score; the second distance's columns
+        only when it was computed)."""
         row = asdict(self)
         row["is"] = row.pop("inception_score")
+        if self.fid2 is None:
+            for name in ("fid2", "precision2", "recall2"):
+                row.pop(name)
         return row
 
 
@@ -149,12 +157,14 @@ class SampleFeatures:
         logits: (N, L) extractor logits for the Inception Score, or None.
         accuracy: share of samples the accuracy network reads as their label (None without labels or network).
         images_per_s: samples / the slowest rank's sampling time (codes only, not decoding or features).
+        second_features: (N, D2) features of the second extractor, or None.
     """
 
     features: torch.Tensor
     logits: torch.Tensor | None
     accuracy: float | None
     images_per_s: float
+    second_features: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -166,6 +176,7 @@ def sharded_sample_features(
     batch_size: int,
     seed: int,
     accuracy_network: nn.Module | None = None,
+    second_extractor: FeatureExtractor | None = None,
 ) -> SampleFeatures:
     """Sample this rank's share of ``conditions``, decode and extract features batch by batch on this rank's
     device, and gather only the features (fixed-size padded blocks). A collective: call it on every rank.
@@ -181,6 +192,7 @@ def sharded_sample_features(
         batch_size: conditions per forward.
         seed: base seed.
         accuracy_network: images -> class logits; used only when the conditions are labels.
+        second_extractor: a second feature extractor on the same images (the report's second distance).
     """
     from dimo_lightning.callbacks.common import (
         are_labels,
@@ -197,7 +209,7 @@ def sharded_sample_features(
     total = condition_count(conditions)
     counts = rank_counts(total, batch_size, world)
     with_accuracy = accuracy_network is not None and are_labels(conditions)
-    features, logits, correct, elapsed = [], [], torch.zeros((), device=device), 0.0
+    features, logits, second, correct, elapsed = [], [], [], torch.zeros((), device=device), 0.0
     mine = rank_batches(total, batch_size, rank, world)
     # Every rank runs as many forwards as the busiest one (ranks differ by at most one batch; a rank with none
     # repeats batch 0 and drops the result): a sharded (FSDP) network gathers its parameters in every forward,
@@ -216,6 +228,8 @@ def sharded_sample_features(
         elapsed += seconds
         batch_features, batch_logits = extractor(images)
         features.append(batch_features)
+        if second_extractor is not None:
+            second.append(second_extractor(images)[0])
         if batch_logits is not None:
             logits.append(batch_logits)
         if with_accuracy:
@@ -229,30 +243,51 @@ def sharded_sample_features(
         # a rank without batches still joins the gather, with an empty block of the right width
         mine_logits = torch.cat(logits) if logits else torch.zeros(0, extractor.logits_dim, device=device)
         all_logits = gather_rows(pl_module, mine_logits, counts)
+    all_second = None
+    if second_extractor is not None:
+        width2 = second_extractor.feature_dim
+        all_second = gather_rows(pl_module, torch.cat(second) if second else torch.zeros(0, width2, device=device),
+                                 counts)
     totals = pl_module.all_gather(torch.stack([correct.double(), torch.tensor(elapsed, device=device).double()]))
     totals = totals.reshape(-1, 2)
     accuracy = float(totals[:, 0].sum()) / total if with_accuracy else None
-    return SampleFeatures(all_features, all_logits, accuracy, total / max(float(totals[:, 1].max()), 1e-9))
+    return SampleFeatures(all_features, all_logits, accuracy, total / max(float(totals[:, 1].max()), 1e-9),
+                          all_second)
 
 
-def evaluation_row(name: str, steps: int, samples: SampleFeatures, reference: ReferenceStats) -> EvalRow:
-    """Metrics of gathered sample features against the reference -> a report row."""
+def evaluation_row(name: str, steps: int, samples: SampleFeatures, reference: ReferenceStats,
+                   second_reference: ReferenceStats | None = None) -> EvalRow:
+    """Metrics of gathered sample features against the reference (and the second distance's features against
+    ``second_reference``, when both are there) -> a report row."""
     metrics = metrics_from_features(samples.features, reference, samples.logits)
-    return EvalRow(name, steps, metrics["fid"], metrics["kid"], metrics["precision"], metrics["recall"],
-                   samples.accuracy, samples.images_per_s, metrics["is"])
+    row = EvalRow(name, steps, metrics["fid"], metrics["kid"], metrics["precision"], metrics["recall"],
+                  samples.accuracy, samples.images_per_s, metrics["is"])
+    if samples.second_features is not None and second_reference is not None:
+        second = metrics_from_features(samples.second_features, second_reference)
+        row.fid2, row.precision2, row.recall2 = second["fid"], second["precision"], second["recall"]
+    return row
 
 
-def format_table(rows: Sequence[EvalRow]) -> str:
-    """A Markdown table of the rows."""
+def format_table(rows: Sequence[EvalRow], second_name: str = "2") -> str:
+    """A Markdown table of the rows (the second distance's columns, headed ``FID (second_name)`` etc., when the
+    rows have it)."""
     with_is = any(r.inception_score is not None for r in rows)
+    with_second = any(r.fid2 is not None for r in rows)
     header = "| model | steps | FID | KID | precision | recall | accuracy | images/s |" + (" IS |" if with_is else "")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_is else "")]
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_is else "")
+    if with_second:
+        header += f" FID ({second_name}) | precision ({second_name}) | recall ({second_name}) |"
+        rule += "---:|---:|---:|"
+    lines = [header, rule]
     for r in rows:
         acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
         line = (f"| {r.model} | {r.steps} | {r.fid:.3f} | {r.kid:.4f} | {r.precision:.3f} | {r.recall:.3f} | {acc} | "
                 f"{r.images_per_s:.0f} |")
         if with_is:
             line += f" {r.inception_score:.3f} |" if r.inception_score is not None else " - |"
+        if with_second:
+            line += (f" {r.fid2:.3f} | {r.precision2:.3f} | {r.recall2:.3f} |" if r.fid2 is not None
+                     else " - | - | - |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -264,7 +299,7 @@ def write_report(rows: Sequence[EvalRow], directory: str | Path, meta: dict | No
     json_path, md_path = directory / "eval.json", directory / "eval.md"
     payload = {"rows": [r.as_dict() for r in rows], **(meta or {})}
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md = "# Di[M]O evaluation\n\n" + format_table(rows) + "\n"
+    md = "# Di[M]O evaluation\n\n" + format_table(rows, (meta or {}).get("second_extractor") or "2") + "\n"
     if meta:
         md += "\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n"
     md_path.write_text(md)
