@@ -203,3 +203,31 @@ def test_dimo_gan_config_fast_dev_run(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(ROOT / "configs/mnist/dimo_gan.yaml"), "--trainer.fast_dev_run=2",
           "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=8"])
+
+
+def test_report_second_distance_matches_torch_fidelity(tiny_teacher, tmp_path, capsys) -> None:
+    """The report's mnist-dae columns equal torch-fidelity's FID on the same images (an independent path)."""
+    import json
+
+    from dimo_lightning.callbacks.common import balanced_labels, student_sampler
+    from dimo_lightning.callbacks.report import EvaluationReport
+    from dimo_lightning.evaluation import generate_images, load_reference
+    from dimo_lightning.metrics.fidelity import compute_metrics
+
+    report = EvaluationReport(num_samples=40, teacher_steps=[], batch_size=40, second_extractor="mnist-dae", seed=5)
+    module = DiMOModule(tiny_teacher, seed=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[report])
+    trainer.validate(module, ClassLabelDataModule(10, 8, 1))
+    (row,) = report.rows
+    payload = json.loads((tmp_path / "eval.json").read_text())
+    assert payload["second_extractor"] == "mnist-dae" and payload["rows"][0]["fid2"] == pytest.approx(row.fid2)
+    assert "FID (mnist-dae)" in (tmp_path / "eval.md").read_text() and "FID (mnist-dae)" in capsys.readouterr().out
+    sampler = student_sampler(module)
+    images, _ = generate_images(lambda labels, g: sampler(module.student, labels, g), tiny_teacher,
+                                balanced_labels(40, 10), 40, 5 * 1_000_003, torch.device("cpu"))
+    reference, _ = load_reference("mnist-val")
+    expected = compute_metrics(images, reference, extractor="mnist-dae")
+    assert row.fid2 == pytest.approx(expected["fid"], rel=1e-3)
+    assert row.recall2 == pytest.approx(expected["recall"], abs=1e-6)
+    assert row.fid2 != pytest.approx(row.fid, rel=1e-2)  # a different feature space than the classifier's
