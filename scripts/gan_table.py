@@ -1,0 +1,49 @@
+"""The Soft-Di[M]O ablation table from the arms' ``eval.json`` (written by ``scripts/gan_ablation.sh``).
+
+    python scripts/gan_table.py [--runs runs/mnist_gan_ablation] [--main runs/mnist_dimo_gan/version_0/eval.json]
+
+``--main`` adds the teacher rows of a full report (same seed and conditions) and the targets of issue 11.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ARMS = {
+    "dimo_only": ("Di[M]O only (continued)", "-"),
+    "dimo_gan": ("Di[M]O + GAN", "on"),
+    "dimo_gan_noaug": ("Di[M]O + GAN", "off"),
+    "gan_only": ("GAN only", "on"),
+    "gan_only_noaug": ("GAN only", "off"),
+}
+
+
+def row_cells(row: dict) -> str:
+    second = [row.get(k) for k in ("fid2", "recall2")]
+    second = " | ".join(f"{v:.2f}" if v is not None else "-" for v in second)
+    accuracy = f"{row['accuracy']:.3f}" if row.get("accuracy") is not None else "-"
+    return f"{row['fid']:.2f} | {row['precision']:.3f} | {row['recall']:.3f} | {accuracy} | {second}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="runs/mnist_gan_ablation")
+    parser.add_argument("--main", default=None, help="a full report (eval.json) with teacher rows")
+    args = parser.parse_args()
+    print("| arm | mask augmentation | FID | precision | recall | accuracy | FID (mnist-dae) | recall (mnist-dae) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    if args.main:
+        for row in json.loads(Path(args.main).read_text())["rows"]:
+            if row["model"] == "teacher":
+                print(f"| teacher, {row['steps']} steps | - | {row_cells(row)} |")
+    for arm, (name, augment) in ARMS.items():
+        path = Path(args.runs) / arm / "eval.json"
+        if path.is_file():
+            (row,) = [r for r in json.loads(path.read_text())["rows"] if r["model"] == "student"]
+            print(f"| {name} | {augment} | {row_cells(row)} |")
+
+
+if __name__ == "__main__":
+    main()
