@@ -2,7 +2,7 @@
 # The Soft-Di[M]O ablation (issue 11): five arms from the same Di[M]O checkpoint, same GAN-phase length, one after
 # another, each in runs/mnist_gan_ablation/<arm>/ (eval.json, fit.log). Then: python scripts/gan_table.py.
 #   scripts/gan_ablation.sh CKPT [ARM ...] [-- extra dimo fit flags]
-# Arms: dimo_only dimo_gan gan_only dimo_gan_noaug gan_only_noaug (all by default). Set DIMO to the command that
+# Arms: dimo_only dimo_gan gan_only dimo_gan_noaug gan_only_noaug (the default five), dimo_gan_soft. Set DIMO to the command that
 # runs `dimo` (default: python -m dimo_lightning), e.g. DIMO="/work/wt/slot B python -m dimo_lightning".
 set -euo pipefail
 ckpt=${1:?usage: scripts/gan_ablation.sh CKPT [ARM ...] [-- extra flags]}
@@ -20,6 +20,7 @@ for arm in "${arms[@]}"; do
     gan_only) flags=(--model.init_args.gan.only=true) ;;
     dimo_gan_noaug) flags=(--model.init_args.gan.mask_augment=false) ;;
     gan_only_noaug) flags=(--model.init_args.gan.only=true --model.init_args.gan.mask_augment=false) ;;
+    dimo_gan_soft) flags=(--model.init_args.gan.fake_input=soft) ;;  # the paper's soft fake input
     *) echo "unknown arm: $arm" >&2; exit 2 ;;
   esac
   mkdir -p runs/mnist_gan_ablation

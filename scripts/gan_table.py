@@ -17,6 +17,7 @@ ARMS = {
     "dimo_gan_noaug": ("Di[M]O + GAN", "off"),
     "gan_only": ("GAN only", "on"),
     "gan_only_noaug": ("GAN only", "off"),
+    "dimo_gan_soft": ("Di[M]O + GAN, soft fake input (the paper's)", "on"),
 }
 
 
