@@ -2,7 +2,9 @@
 
     python scripts/gan_table.py [--runs runs/mnist_gan_ablation] [--main runs/mnist_dimo_gan/version_0/eval.json]
 
-``--main`` adds the teacher rows of a full report (same seed and conditions) and the targets of issue 11.
+``--main`` adds the teacher rows of a full report (same seed and conditions); its student row stands for the
+Di[M]O + GAN arm when that arm has no run of its own (the main run is that arm plus FIDMonitor, which does not touch
+the training draws).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main() -> None:
                 print(f"| teacher, {row['steps']} steps | - | {row_cells(row)} |")
     for arm, (name, augment) in ARMS.items():
         path = Path(args.runs) / arm / "eval.json"
+        if arm == "dimo_gan" and not path.is_file() and args.main:
+            path = Path(args.main)  # the main run is the Di[M]O + GAN arm (same recipe, seed and length)
         if path.is_file():
             (row,) = [r for r in json.loads(path.read_text())["rows"] if r["model"] == "student"]
             print(f"| {name} | {augment} | {row_cells(row)} |")
