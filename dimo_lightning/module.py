@@ -737,7 +737,7 @@ class DiMOModule(pl.LightningModule):
     # ---- sharding ------------------------------------------------------------------------------------------------
     @override
     def configure_model(self) -> None:
-        """FSDP2: shard student, aux (and the StudentEMA copy, if present) per transformer layer over the
+        """FSDP2: shard student, aux (the StudentEMA copy and the discriminator heads, if present) over the
         data-parallel mesh. The frozen teacher stays replicated: it has no gradients or optimizer state to shard,
         and a replica spares two all-gathers per layer in each of its (CFG-doubled) forwards and in the decoder.
         Only under a strategy with a device mesh (ModelParallelStrategy); idempotent (Lightning may call it again).
@@ -750,7 +750,9 @@ class DiMOModule(pl.LightningModule):
             raise ValueError(f"configure_model shards over a 1-D data-parallel mesh, got {mesh}")
         if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
             raise ValueError("tensor parallelism is not supported: use ModelParallelStrategy(tensor_parallel_size=1)")
-        for name in ("student", "aux", "student_ema"):
+        # The discriminator heads (GAN on) are one small unit: sharded, their gradients are reduced over the ranks
+        # like the others' (a replica outside FSDP would keep rank-local gradients and drift apart).
+        for name in ("student", "aux", "student_ema", "discriminator"):
             network = getattr(self, name, None)
             if network is not None and not is_sharded(network):
                 shard_network(network, dp_mesh)
