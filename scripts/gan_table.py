@@ -1,6 +1,7 @@
 """The Soft-Di[M]O ablation table from the arms' ``eval.json`` (written by ``scripts/gan_ablation.sh``).
 
     python scripts/gan_table.py [--runs runs/mnist_gan_ablation] [--main runs/mnist_dimo_gan/version_0/eval.json]
+        [--start runs/mnist_gan_ablation/val_demo_t0.9/eval.json]
 
 ``--main`` adds the teacher rows of a full report (same seed and conditions); its student row stands for the
 Di[M]O + GAN arm when that arm has no run of its own (the main run is that arm plus FIDMonitor, which does not touch
@@ -34,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs/mnist_gan_ablation")
     parser.add_argument("--main", default=None, help="a full report (eval.json) with teacher rows")
+    parser.add_argument("--start", default=None, help="the report (eval.json) of the checkpoint the arms start from")
     args = parser.parse_args()
     print("| arm | mask augmentation | FID | precision | recall | accuracy | FID (mnist-dae) | recall (mnist-dae) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -41,6 +43,9 @@ def main() -> None:
         for row in json.loads(Path(args.main).read_text())["rows"]:
             if row["model"] == "teacher":
                 print(f"| teacher, {row['steps']} steps | - | {row_cells(row)} |")
+    if args.start:
+        (row,) = [r for r in json.loads(Path(args.start).read_text())["rows"] if r["model"] == "student"]
+        print(f"| start (the Di[M]O checkpoint) | - | {row_cells(row)} |")
     for arm, (name, augment) in ARMS.items():
         path = Path(args.runs) / arm / "eval.json"
         if arm == "dimo_gan" and not path.is_file() and args.main:
