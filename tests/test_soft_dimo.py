@@ -197,6 +197,19 @@ def test_student_init_starts_from_a_trained_run(tiny_teacher, tmp_path) -> None:
         module.load_student_init(str(tmp_path / "junk.ckpt"))
 
 
+def test_ablation_override_combines_with_the_gan_config() -> None:
+    from test_cli import ParseOnlyCLI
+
+    cli = ParseOnlyCLI(args=["--config", str(ROOT / "configs/mnist/dimo_gan.yaml"), "--config",
+                             str(ROOT / "configs/mnist/ablations/gan_base.yaml"),
+                             "--model.init_args.gan.only=true"], run=False)
+    callbacks = [c.class_path.rsplit(".", 1)[1] for c in cli.config.trainer.callbacks]
+    assert callbacks == ["StudentEMA", "ModelCheckpoint", "SampleGrid", "EvaluationReport"]
+    assert cli.config.trainer.callbacks[-1].init_args.teacher_steps == []
+    assert cli.config.model.init_args.gan.only and cli.config.model.init_args.gan.weight == 30.0
+    assert cli.config.data.class_path.endswith("RealCodesDataModule")
+
+
 def test_dimo_gan_config_fast_dev_run(tmp_path, monkeypatch) -> None:
     from dimo_lightning.cli import main
 
