@@ -51,6 +51,10 @@ class EvalRow:
     inception_score: float | None = None
     thickness_accuracy: float | None = None
     slant_accuracy: float | None = None
+    # The second distance (a feature space that is not a classifier's, e.g. ``mnist-dae``), when configured.
+    fid2: float | None = None
+    precision2: float | None = None
+    recall2: float | None = None
 
     @property
     def scores_prompts(self) -> bool:
@@ -59,12 +63,15 @@ class EvalRow:
 
     def as_dict(self) -> dict[str, Any]:
         """The row with the report's column names (``is`` for the Inception Score); the prompt columns only for
-        prompt conditions (label rows keep their layout)."""
+        prompt conditions (label rows keep their layout), the second distance's only when it was computed."""
         row = asdict(self)
         row["is"] = row.pop("inception_score")
         if not self.scores_prompts:
             for name in PROMPT_COLUMNS:
                 del row[name]
+        if self.fid2 is None:
+            for name in ("fid2", "precision2", "recall2"):
+                row.pop(name)
         return row
 
 
@@ -168,6 +175,7 @@ class SampleFeatures:
         images_per_s: samples / the slowest rank's sampling time (codes only, not decoding or features).
         attribute_counts: prompt conditions scored with the MNIST classifier: ``{attribute: (hits, judged)}`` for
             ``class``, ``thickness`` and ``slant``, summed over all ranks; None otherwise.
+        second_features: (N, D2) features of the second extractor, or None.
     """
 
     features: torch.Tensor
@@ -175,6 +183,7 @@ class SampleFeatures:
     accuracy: float | None
     images_per_s: float
     attribute_counts: dict[str, tuple[int, int]] | None = None
+    second_features: torch.Tensor | None = None
 
     def attribute_accuracy(self, attribute: str) -> float | None:
         """hits / judged of ``attribute`` (None without prompt scoring, NaN if no prompt named it)."""
@@ -193,6 +202,7 @@ def sharded_sample_features(
     batch_size: int,
     seed: int,
     accuracy_network: nn.Module | None = None,
+    second_extractor: FeatureExtractor | None = None,
 ) -> SampleFeatures:
     """Sample this rank's share of ``conditions``, decode and extract features batch by batch on this rank's
     device, and gather only the features (fixed-size padded blocks). A collective: call it on every rank.
@@ -211,6 +221,7 @@ def sharded_sample_features(
             conditions (lists of strings; 28x28 images): the class, thickness and slant hits against each prompt
             (:func:`~dimo_lightning.data.captions.attribute_hits`), counted per batch on each rank and summed over
             ranks in the one small collective that also carries the timings (no image leaves its rank).
+        second_extractor: a second feature extractor on the same images (the report's second distance).
     """
     from dimo_lightning.callbacks.common import (
         are_labels,
@@ -228,7 +239,7 @@ def sharded_sample_features(
     counts = rank_counts(total, batch_size, world)
     with_accuracy = accuracy_network is not None and are_labels(conditions)
     with_prompts = accuracy_network is not None and not are_labels(conditions)
-    features, logits, correct, elapsed = [], [], torch.zeros((), device=device), 0.0
+    features, logits, second, correct, elapsed = [], [], [], torch.zeros((), device=device), 0.0
     # prompt scoring: (hits, judged) per attribute of PROMPT_ATTRIBUTES, this rank's batches
     attribute_counts = torch.zeros(2 * len(PROMPT_ATTRIBUTES), dtype=torch.float64, device=device)
     mine = rank_batches(total, batch_size, rank, world)
@@ -249,6 +260,8 @@ def sharded_sample_features(
         elapsed += seconds
         batch_features, batch_logits = extractor(images)
         features.append(batch_features)
+        if second_extractor is not None:
+            second.append(second_extractor(images)[0])
         if batch_logits is not None:
             logits.append(batch_logits)
         if with_accuracy:
@@ -264,6 +277,11 @@ def sharded_sample_features(
         # a rank without batches still joins the gather, with an empty block of the right width
         mine_logits = torch.cat(logits) if logits else torch.zeros(0, extractor.logits_dim, device=device)
         all_logits = gather_rows(pl_module, mine_logits, counts)
+    all_second = None
+    if second_extractor is not None:
+        width2 = second_extractor.feature_dim
+        all_second = gather_rows(pl_module, torch.cat(second) if second else torch.zeros(0, width2, device=device),
+                                 counts)
     # One small collective for the counts and the timing: (world, 2 + 6) -> counts summed, the slowest rank's time.
     mine_totals = torch.cat([torch.stack([correct.double(), torch.tensor(elapsed, device=device).double()]),
                              attribute_counts])
@@ -276,7 +294,7 @@ def sharded_sample_features(
         counts = {name: (summed[2 * i], summed[2 * i + 1]) for i, name in enumerate(PROMPT_ATTRIBUTES)}
         hits, judged = counts["class"]
         accuracy = hits / judged if judged else float("nan")
-    return SampleFeatures(all_features, all_logits, accuracy, images_per_s, counts)
+    return SampleFeatures(all_features, all_logits, accuracy, images_per_s, counts, all_second)
 
 
 def _prompt_hits(images: torch.Tensor, prompts: list[str], accuracy_network: nn.Module) -> torch.Tensor:
@@ -292,27 +310,38 @@ def _prompt_hits(images: torch.Tensor, prompts: list[str], accuracy_network: nn.
     return torch.tensor(flat, dtype=torch.float64, device=images.device)
 
 
-def evaluation_row(name: str, steps: int, samples: SampleFeatures, reference: ReferenceStats) -> EvalRow:
-    """Metrics of gathered sample features against the reference -> a report row."""
+def evaluation_row(name: str, steps: int, samples: SampleFeatures, reference: ReferenceStats,
+                   second_reference: ReferenceStats | None = None) -> EvalRow:
+    """Metrics of gathered sample features against the reference (and the second distance's features against
+    ``second_reference``, when both are there) -> a report row."""
     metrics = metrics_from_features(samples.features, reference, samples.logits)
-    return EvalRow(name, steps, metrics["fid"], metrics["kid"], metrics["precision"], metrics["recall"],
-                   samples.accuracy, samples.images_per_s, metrics["is"],
-                   samples.attribute_accuracy("thickness"), samples.attribute_accuracy("slant"))
+    row = EvalRow(name, steps, metrics["fid"], metrics["kid"], metrics["precision"], metrics["recall"],
+                  samples.accuracy, samples.images_per_s, metrics["is"],
+                  samples.attribute_accuracy("thickness"), samples.attribute_accuracy("slant"))
+    if samples.second_features is not None and second_reference is not None:
+        second = metrics_from_features(samples.second_features, second_reference)
+        row.fid2, row.precision2, row.recall2 = second["fid"], second["precision"], second["recall"]
+    return row
 
 
 def _fraction(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
 
 
-def format_table(rows: Sequence[EvalRow]) -> str:
-    """A Markdown table of the rows (prompt rows: class, thickness and slant accuracy instead of one accuracy)."""
+def format_table(rows: Sequence[EvalRow], second_name: str = "2") -> str:
+    """A Markdown table of the rows (prompt rows: class, thickness and slant accuracy instead of one accuracy; the
+    second distance's columns, headed ``FID (second_name)`` etc., when the rows have it)."""
     with_is = any(r.inception_score is not None for r in rows)
+    with_second = any(r.fid2 is not None for r in rows)
     prompts = any(r.scores_prompts for r in rows)
     accuracy = "class acc. | thickness acc. | slant acc." if prompts else "accuracy"
     header = f"| model | steps | FID | KID | precision | recall | {accuracy} | images/s |"
     header += " IS |" if with_is else ""
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if prompts else "")
-             + ("---:|" if with_is else "")]
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if prompts else "") + ("---:|" if with_is else "")
+    if with_second:
+        header += f" FID ({second_name}) | precision ({second_name}) | recall ({second_name}) |"
+        rule += "---:|---:|---:|"
+    lines = [header, rule]
     for r in rows:
         acc = _fraction(r.accuracy)
         if prompts:
@@ -321,6 +350,9 @@ def format_table(rows: Sequence[EvalRow]) -> str:
                 f"{r.images_per_s:.0f} |")
         if with_is:
             line += f" {r.inception_score:.3f} |" if r.inception_score is not None else " - |"
+        if with_second:
+            line += (f" {r.fid2:.3f} | {r.precision2:.3f} | {r.recall2:.3f} |" if r.fid2 is not None
+                     else " - | - | - |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -332,7 +364,7 @@ def write_report(rows: Sequence[EvalRow], directory: str | Path, meta: dict | No
     json_path, md_path = directory / "eval.json", directory / "eval.md"
     payload = {"rows": [r.as_dict() for r in rows], **(meta or {})}
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md = "# Di[M]O evaluation\n\n" + format_table(rows) + "\n"
+    md = "# Di[M]O evaluation\n\n" + format_table(rows, (meta or {}).get("second_extractor") or "2") + "\n"
     if meta:
         md += "\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n"
     md_path.write_text(md)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -40,7 +41,14 @@ from dimo_lightning.masking import (
     sample_mask_ratio,
     sigma_at,
 )
+from dimo_lightning.objectives.gan import TeacherDiscriminator
 from dimo_lightning.sampling import sample_tokens
+from dimo_lightning.soft_dimo import (
+    GANSettings,
+    check_real_data_matches_teacher,
+    split_real_batch,
+    student_init_state,
+)
 from dimo_lightning.teacher_sampling import TeacherSampling
 from dimo_lightning.teachers.base import MaskedTeacher
 
@@ -116,6 +124,13 @@ class DiMOModule(pl.LightningModule):
             reference computation, a benchmark baseline); False computes only the returned logits (same values).
         compile_networks: which networks to ``torch.compile`` in place (``student``, ``aux``, ``teacher``); the
             checkpoint layout is unchanged. Pays off on GPUs; measure with ``dimo bench`` before using it on a CPU.
+        gan: Soft-Di[M]O's GAN on real data (:class:`~dimo_lightning.soft_dimo.GANSettings`); None or weight 0 is
+            off (data-free Di[M]O). On, the batches must be ``(labels, real codes)`` (``RealCodesDataModule``).
+        optimizer_disc: optimizer factory of the discriminator heads (the third optimizer; only with the GAN).
+        scheduler_disc: optional LR-scheduler factory of the heads (stepped after each discriminator step).
+        student_init: a trained Di[M]O checkpoint whose student (and aux and EMA, where present) weights the fit
+            starts from (loaded in ``setup``; a ``--ckpt_path`` resume overrides them). A two-optimizer run cannot
+            be resumed with the GAN on (``--ckpt_path`` restores optimizers one for one): this starts a new one.
     """
 
     def __init__(
@@ -168,12 +183,17 @@ class DiMOModule(pl.LightningModule):
         allow_teacher_change: bool = False,
         full_output_head: bool = False,
         compile_networks: list[Literal["student", "aux", "teacher"]] | None = None,
+        gan: GANSettings | None = None,
+        optimizer_disc: OptimizerCallable = torch.optim.Adam,
+        scheduler_disc: LRSchedulerCallable | None = None,
+        student_init: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(teacher, Mapping):  # load_from_checkpoint: the recorded class path and arguments
             teacher = MaskedTeacher.from_record(teacher)
         self.save_hyperparameters(
-            ignore=["teacher", "optimizer_gen", "optimizer_aux", "scheduler_gen", "scheduler_aux"]
+            ignore=["teacher", "optimizer_gen", "optimizer_aux", "scheduler_gen", "scheduler_aux", "optimizer_disc",
+                    "scheduler_disc"]
         )
         # Record the teacher (not its weights) so that checkpoints rebuild it, and keep hyperparameters plain.
         try:
@@ -182,6 +202,8 @@ class DiMOModule(pl.LightningModule):
             self.hparams["teacher"] = None
         self.teacher_sampling = TeacherSampling.coerce(teacher_sampling)
         self.hparams["teacher_sampling"] = self.teacher_sampling.to_dict()
+        self.gan = GANSettings.coerce(gan)
+        self.hparams["gan"] = self.gan.to_dict()
         self.automatic_optimization = False
         self._validate()
         self.r_init_range = parse_range(r_init, "r_init")
@@ -215,6 +237,10 @@ class DiMOModule(pl.LightningModule):
         # Lightning's full checkpoints nor FSDP's distributed (DCP) checkpoints save or expect them.
         self.register_state_dict_post_hook(_drop_teacher_keys)
         self._pending_step: _PendingStep | None = None
+        self.optimizer_disc = optimizer_disc
+        self.scheduler_disc = scheduler_disc
+        self.disc_step = 0
+        self.discriminator = self._build_discriminator(teacher)
 
     def _validate(self) -> None:
         hp = self.hparams
@@ -334,6 +360,7 @@ class DiMOModule(pl.LightningModule):
         aux_params = [p for p in self.aux.parameters() if p.requires_grad]
         opt_g = self.optimizer_gen(gen_params)
         opt_a = self.optimizer_aux(aux_params)
+        optimizers = [opt_g, opt_a]
         schedulers = []
         if self.scheduler_gen is not None:
             schedulers.append({"scheduler": self.scheduler_gen(opt_g), "interval": "step"})
@@ -341,7 +368,11 @@ class DiMOModule(pl.LightningModule):
             schedulers.append({"scheduler": self.scheduler_aux(opt_a), "interval": "step"})
         if (self.scheduler_gen is None) != (self.scheduler_aux is None):
             raise ValueError("give both scheduler_gen and scheduler_aux, or neither")
-        return [opt_g, opt_a], schedulers
+        if self.discriminator is not None:  # the third optimizer (Soft-Di[M]O), last so the first two keep places
+            optimizers.append(self.optimizer_disc(list(self.discriminator.parameters())))
+            if self.scheduler_disc is not None:
+                schedulers.append({"scheduler": self.scheduler_disc(optimizers[2]), "interval": "step"})
+        return optimizers, schedulers
 
     def _set_teacher_mode(self) -> None:
         # Tokenizer and condition encoder always run in eval mode; only the token network's dropout is switchable
@@ -352,6 +383,7 @@ class DiMOModule(pl.LightningModule):
     @override
     def on_fit_start(self) -> None:
         check_data_matches_module(self, self.trainer.datamodule)
+        check_real_data_matches_teacher(self.trainer.datamodule, self.teacher)
         self._set_teacher_mode()
 
     @override
@@ -384,9 +416,9 @@ class DiMOModule(pl.LightningModule):
 
     def _iteration(self, batch: Any, generator: torch.Generator, r_init: float) -> None:
         hp = self.hparams
-        opt_g, opt_a = self.optimizers()
-        schedulers = self.lr_schedulers()
-        sch_g, sch_a = (schedulers if isinstance(schedulers, list) else (None, None)) if schedulers else (None, None)
+        opt_g, opt_a, *opt_rest = self.optimizers()
+        sch_g, sch_a, sch_d = self._schedulers()
+        batch, real_codes = split_real_batch(batch)
         cond = move_condition(self.teacher.encode_condition(batch), self.device)
         micro_conds = split_condition(cond, hp.accumulate_micro_batches)
         sigma = self.current_sigma()
@@ -398,12 +430,15 @@ class DiMOModule(pl.LightningModule):
             logs.update(gen_logs)
         if hp.aux_mode == "full":  # aux_mode none: no aux forward, no aux step
             logs.update(self._aux_update(opt_a, sch_a, micro_conds, reuse, r_init, sigma, generator))
+        if self.discriminator is not None:
+            logs.update(self._disc_update(opt_rest[0], sch_d, micro_conds, real_codes, reuse, r_init, sigma,
+                                          generator))
         logs["train/generator_step"] = float(self.generator_step)
         logs["train/skipped_steps"] = float(self.skipped_steps)
         logs["train/lr_gen"] = opt_g.param_groups[0]["lr"]
         logs["train/lr_aux"] = opt_a.param_groups[0]["lr"]
         batch_size = self.teacher.condition_batch_size(cond)
-        shown = {k: logs.pop(k) for k in ("train/loss_gen", "train/loss_aux") if k in logs}
+        shown = {k: logs.pop(k) for k in ("train/loss_gen", "train/loss_aux", "train/loss_disc") if k in logs}
         self.log_dict(shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch_size)
 
@@ -413,10 +448,24 @@ class DiMOModule(pl.LightningModule):
         parts = len(micro_conds)
         samples = []
         loss_total = torch.zeros((), device=self.device)
+        gan_total = torch.zeros((), device=self.device)
         kept_rows = torch.zeros((), device=self.device)
+        gan_weight = self.gan.weight_at(self.generator_step) if self.discriminator is not None else 0.0
         for i, cond in enumerate(micro_conds):
             with opt_g.toggle_model(sync_grad=i == parts - 1):
                 z = self.student_logits(self.student, cond, r_init, sigma, generator)  # (B, N, V)
+                if self.gan.only:  # ablation: L_gan alone, no teacher or aux forward
+                    with torch.no_grad():
+                        x = sample_tokens(z.detach(), hp.student_temperature, hp.student_top_k, hp.student_top_p,
+                                          self._exclude_ids(), generator)
+                        valid = finite_rows(z.detach())
+                    loss = gan_weight * self._gan_generator_loss(z, x, cond, valid, generator)
+                    self.manual_backward(loss / parts)
+                    samples.append((x, z.detach()))
+                    gan_total += loss.detach() / parts
+                    loss_total += loss.detach() / parts
+                    kept_rows += valid.float().mean() / parts
+                    continue
                 with torch.no_grad():
                     x = sample_tokens(z.detach(), hp.student_temperature, hp.student_top_k, hp.student_top_p,
                                       self._exclude_ids(), generator)  # (B, N)
@@ -437,6 +486,10 @@ class DiMOModule(pl.LightningModule):
                         grad[..., t.mask_id] = 0
                     valid = finite_rows(z.detach(), teacher_logits, aux_logits)
                 loss = generator_loss(z, grad, mask, row_weight=valid)
+                if gan_weight > 0:  # Soft-Di[M]O: + w_gan * L_gan through the soft embedding path
+                    gan_term = gan_weight * self._gan_generator_loss(z, x, cond, valid, generator)
+                    gan_total += gan_term.detach() / parts
+                    loss = loss + gan_term
                 self.manual_backward(loss / parts)
             samples.append((x, z.detach()))
             loss_total += loss.detach() / parts
@@ -446,11 +499,15 @@ class DiMOModule(pl.LightningModule):
             self.generator_step += 1
             if sch_g is not None:
                 sch_g.step()
-        return samples, {
+        logs = {
             "train/loss_gen": loss_total,
             "train/grad_norm_gen": norm,
             "train/valid_rows_gen": kept_rows,
         }
+        if self.discriminator is not None:
+            logs["train/loss_gan"] = gan_total / max(gan_weight, 1e-12)  # L_gan itself, without its weight
+            logs["train/gan_weight"] = gan_weight
+        return samples, logs
 
     def _aux_update(self, opt_a, sch_a, micro_conds, reuse, r_init, sigma, generator):
         hp = self.hparams
@@ -489,6 +546,134 @@ class DiMOModule(pl.LightningModule):
             "train/grad_norm_aux": norm,
             "train/valid_rows_aux": kept_rows,
         }
+
+    # ---- Soft-Di[M]O: the GAN on real data (third optimizer) ---------------------------------------------------
+    def _build_discriminator(self, teacher: MaskedTeacher) -> TeacherDiscriminator | None:
+        """The discriminator heads when the GAN is on (a submodule: its weights are checkpointed as
+        ``discriminator.*``); the trunk is the teacher's network, passed to every call and never owned."""
+        if not self.gan.enabled:
+            return None
+        trunk = teacher.network
+        if not callable(getattr(trunk, "forward_features", None)):
+            raise ValueError(
+                f"gan.weight > 0 needs a teacher network with forward_features (a MaskTransformer) as the "
+                f"discriminator trunk; {type(teacher).__name__}'s network is a {type(trunk).__name__}"
+            )
+        # The heads' initial weights are a function of the module's seed, not of whatever drew from the global RNG
+        # before (so a run and its resumed copy, built in any order, agree).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 1_009)
+            return TeacherDiscriminator.for_trunk(
+                trunk, self.gan.num_layers, layers=self.gan.layers, head_dim=self.gan.head_dim,
+                mask_augment=self.gan.mask_augment, max_mask_ratio=self.gan.max_mask_ratio,
+            )
+
+    def _schedulers(self) -> tuple[Any, Any, Any]:
+        """(student, aux, discriminator) schedulers, None where not configured."""
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return None, None, None
+        schedulers = list(schedulers) if isinstance(schedulers, list) else [schedulers]
+        sch_g = sch_a = None
+        if self.scheduler_gen is not None:
+            sch_g, sch_a, *schedulers = schedulers
+        return sch_g, sch_a, (schedulers[0] if schedulers else None)
+
+    @contextmanager
+    def _trunk_in_eval(self) -> Iterator[None]:
+        # The discriminator's features are deterministic (no dropout) whatever teacher_eval says of the targets.
+        network = self.teacher.network
+        was_training = network.training
+        network.eval()
+        try:
+            yield
+        finally:
+            network.train(was_training)
+
+    def _gan_generator_loss(self, z: torch.Tensor, x: torch.Tensor, cond: Any, valid: torch.Tensor,
+                            generator: torch.Generator) -> torch.Tensor:
+        """L_gan (non-saturating) of student logits z (B, N, V) with grad; x (B, N) their samples (used only by the
+        straight-through input, as constants); rows not ``valid`` are left out."""
+        tokens = x if self.gan.fake_input == "straight_through" else None
+        with self._trunk_in_eval():
+            return self.discriminator.generator_loss(self.teacher.network, z, cond, generator, row_weight=valid,
+                                                     tokens=tokens)
+
+    def _disc_update(self, opt_d, sch_d, micro_conds, real_codes, reuse, r_init, sigma, generator):
+        """One discriminator step: real codes of the batch vs the student's (detached) logits of this iteration's
+        generator step (a fresh no-grad student forward when the generator did not step)."""
+        hp = self.hparams
+        if real_codes is None:
+            raise ValueError(
+                "gan.weight > 0 trains a discriminator on real data: the batches must be (labels, real codes), e.g. "
+                "--data dimo_lightning.data.real_codes.RealCodesDataModule"
+            )
+        parts = len(micro_conds)
+        real_parts = real_codes.to(self.device).chunk(parts)
+        if [len(r) for r in real_parts] != [self.teacher.condition_batch_size(c) for c in micro_conds]:
+            raise ValueError(f"real codes batch of {len(real_codes)} rows does not match its {parts} micro-batches")
+        totals = {name: torch.zeros((), device=self.device) for name in ("loss", "logit_real", "logit_fake",
+                                                                           "accuracy")}
+        with self._trunk_in_eval():
+            for i, cond in enumerate(micro_conds):
+                with opt_d.toggle_model(sync_grad=i == parts - 1):
+                    if reuse is not None:
+                        x, z = reuse[i]
+                    else:
+                        with torch.no_grad():
+                            z = self.student_logits(self.student, cond, r_init, sigma, generator)
+                            x = sample_tokens(z, hp.student_temperature, hp.student_top_k, hp.student_top_p,
+                                              self._exclude_ids(), generator)
+                    tokens = x if self.gan.fake_input == "straight_through" else None
+                    loss, stats = self.discriminator.discriminator_loss(
+                        self.teacher.network, real_parts[i], cond, z, cond, generator, tokens=tokens
+                    )
+                    self.manual_backward(loss / parts)
+                totals["loss"] += loss.detach() / parts
+                for name in ("logit_real", "logit_fake", "accuracy"):
+                    totals[name] += stats[name] / parts
+        # A non-finite loss gives a non-finite norm: the step is skipped (and counted) like the other two.
+        norm, stepped = self._clip_and_step(opt_d, self.gan.grad_clip, torch.ones((), device=self.device))
+        if stepped:
+            self.disc_step += 1
+            if sch_d is not None:
+                sch_d.step()
+        return {
+            "train/loss_disc": totals["loss"],
+            "train/disc_accuracy": totals["accuracy"],
+            "train/disc_logit_real": totals["logit_real"],
+            "train/disc_logit_fake": totals["logit_fake"],
+            "train/grad_norm_disc": norm,
+            "train/lr_disc": opt_d.param_groups[0]["lr"],
+            "train/disc_step": float(self.disc_step),
+        }
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("student_init"):
+            self.load_student_init(self.hparams.student_init)
+
+    def load_student_init(self, path: str) -> None:
+        """Copy student, aux and EMA weights of a trained Di[M]O checkpoint into this module (``student_init``).
+
+        The EMA (``student_ema``, present once StudentEMA has set up) takes the checkpoint's average, else its
+        student; the aux model keeps the teacher's copy if the checkpoint has none. The teacher must match the
+        checkpoint's (unless ``allow_teacher_change``).
+        """
+        networks, saved_teacher = student_init_state(path)
+        check_teacher_unchanged(saved_teacher, self.hparams.get("teacher"), f"{path} (student_init)",
+                                self.hparams.get("allow_teacher_change", False))
+        targets = {"student": self.student, "aux": self.aux, "student_ema": getattr(self, "student_ema", None)}
+        sources = {"student": "student", "aux": "aux" if "aux" in networks else None,
+                   "student_ema": "student_ema" if "student_ema" in networks else "student"}
+        for name, network in targets.items():
+            if network is None or sources[name] is None:
+                continue
+            try:
+                network.load_state_dict(networks[sources[name]])
+            except RuntimeError as err:
+                raise ValueError(f"student_init: the {sources[name]} weights of {path} do not fit this teacher's "
+                                 f"network: {str(err).splitlines()[0]}") from err
 
     def _clip_and_step(self, optimizer, max_norm: float, kept_rows: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Step ``optimizer`` through Lightning's precision plugin; clipping and the skip decision happen in
@@ -552,7 +737,7 @@ class DiMOModule(pl.LightningModule):
     # ---- sharding ------------------------------------------------------------------------------------------------
     @override
     def configure_model(self) -> None:
-        """FSDP2: shard student, aux (and the StudentEMA copy, if present) per transformer layer over the
+        """FSDP2: shard student, aux (the StudentEMA copy and the discriminator heads, if present) over the
         data-parallel mesh. The frozen teacher stays replicated: it has no gradients or optimizer state to shard,
         and a replica spares two all-gathers per layer in each of its (CFG-doubled) forwards and in the decoder.
         Only under a strategy with a device mesh (ModelParallelStrategy); idempotent (Lightning may call it again).
@@ -565,7 +750,9 @@ class DiMOModule(pl.LightningModule):
             raise ValueError(f"configure_model shards over a 1-D data-parallel mesh, got {mesh}")
         if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
             raise ValueError("tensor parallelism is not supported: use ModelParallelStrategy(tensor_parallel_size=1)")
-        for name in ("student", "aux", "student_ema"):
+        # The discriminator heads (GAN on) are one small unit: sharded, their gradients are reduced over the ranks
+        # like the others' (a replica outside FSDP would keep rank-local gradients and drift apart).
+        for name in ("student", "aux", "student_ema", "discriminator"):
             network = getattr(self, name, None)
             if network is not None and not is_sharded(network):
                 shard_network(network, dp_mesh)
@@ -607,6 +794,7 @@ class DiMOModule(pl.LightningModule):
             "generator_step": self.generator_step,
             "iteration": self.iteration,
             "skipped_steps": self.skipped_steps,
+            "disc_step": self.disc_step,
             "export": checkpoint_records(self),  # what `dimo export` needs besides the weights
         }
 
@@ -627,6 +815,7 @@ class DiMOModule(pl.LightningModule):
         self.generator_step = int(counters.get("generator_step", 0))
         self.iteration = int(counters.get("iteration", 0))
         self.skipped_steps = int(counters.get("skipped_steps", 0))
+        self.disc_step = int(counters.get("disc_step", 0))
         if "state_dict" not in checkpoint:
             return  # a distributed (DCP) checkpoint: the strategy has loaded (and checked) the weights already
         state = checkpoint["state_dict"]
@@ -646,6 +835,8 @@ class DiMOModule(pl.LightningModule):
             raise ValueError(
                 f"checkpoint lacks {len(missing)} student/aux weights (e.g. {', '.join(missing[:5])}); "
                 "it was not written by this DiMOModule configuration"
+                + ("; to add the GAN to a trained Di[M]O run, start from it with --model.init_args.student_init="
+                   "CKPT instead of --ckpt_path" if any(k.startswith("discriminator.") for k in missing) else "")
             )
 
 

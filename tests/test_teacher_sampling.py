@@ -28,9 +28,9 @@ def _report_settings(module, report, tmp_path, monkeypatch) -> dict:
         sample_codes(conditions[:2], torch.Generator().manual_seed(0))
 
     monkeypatch.setattr(report_module, "sharded_sample_features", one_batch)
-    monkeypatch.setattr(report_module, "evaluation_row", lambda *a, **kw: SimpleNamespace(fid=0.0))
+    monkeypatch.setattr(report_module, "evaluation_row", lambda *a, **kw: SimpleNamespace(fid=0.0, fid2=None))
     monkeypatch.setattr(report_module, "write_report", lambda rows, directory, meta: (tmp_path / "j", tmp_path / "m"))
-    monkeypatch.setattr(report_module, "format_table", lambda rows: "")
+    monkeypatch.setattr(report_module, "format_table", lambda rows, second_name="2": "")
     trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True,
                               world_size=1, global_rank=0, datamodule=None,
                               strategy=SimpleNamespace(barrier=lambda name=None: None,

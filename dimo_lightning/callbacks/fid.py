@@ -54,6 +54,9 @@ class FIDMonitor(Callback):
         batch_size: sampling, decoding and feature batch size per rank.
         seed: seed of the samples (fixed across evaluations, so curves compare like with like).
         temperature: sampling temperature (None: the module's ``sample_temperature``).
+        second_extractor: a second feature space (e.g. ``mnist-dae``) on the same samples against the same
+            reference: logs ``val/fid2``, ``val/precision2``, ``val/recall2``. None: off.
+        second_weights_path: local weights of the second extractor.
     """
 
     def __init__(
@@ -67,6 +70,8 @@ class FIDMonitor(Callback):
         batch_size: int = 250,
         seed: int = 1234,
         temperature: float | None = None,
+        second_extractor: str | None = None,
+        second_weights_path: str | None = None,
     ) -> None:
         if every_n_generator_steps < 1:
             raise ValueError(f"every_n_generator_steps must be >= 1, got {every_n_generator_steps}")
@@ -82,6 +87,9 @@ class FIDMonitor(Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.temperature = temperature
+        self.second_extractor_name = second_extractor
+        self.second_weights_path = second_weights_path
+        self.second_extractor = self.second_reference = None
         self.evaluations = 0  # how many times metrics were computed (tests)
         self._last_step = -1
         self._elapsed_before = 0.0  # training seconds of earlier (resumed-from) runs
@@ -132,6 +140,11 @@ class FIDMonitor(Callback):
         self.reference = shared_reference(self.reference_spec, self.extractor, "FIDMonitor.reference",
                                           need_features=4)
         self.accuracy_network = load_accuracy_network(self.accuracy_network_name, device)
+        if self.second_extractor_name is not None:
+            self.second_extractor = shared_extractor(self.second_extractor_name, self.second_weights_path, device,
+                                                     "FIDMonitor.second_extractor")
+            self.second_reference = shared_reference(self.reference_spec, self.second_extractor,
+                                                     "FIDMonitor.reference", need_features=4)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -157,13 +170,16 @@ class FIDMonitor(Callback):
         sampler = student_sampler(pl_module, self.temperature)
         samples = sharded_sample_features(
             pl_module, lambda cond, gen: sampler(network, cond, gen), conditions, self.extractor, self.batch_size,
-            self.seed, self.accuracy_network,
+            self.seed, self.accuracy_network, self.second_extractor,
         )
         metrics = metrics_from_features(samples.features, self.reference, samples.logits)
         metrics = {"fid": metrics["fid"], "kid": metrics["kid"], "precision": metrics["precision"],
                    "recall": metrics["recall"], "is": metrics["is"], "accuracy": samples.accuracy}
         if samples.attribute_counts is not None:  # prompt conditions: the other two attributes of the prompts
             metrics.update({f"{name}_accuracy": samples.attribute_accuracy(name) for name in ("thickness", "slant")})
+        if samples.second_features is not None:
+            second = metrics_from_features(samples.second_features, self.second_reference)
+            metrics.update(fid2=second["fid"], precision2=second["precision"], recall2=second["recall"])
         metrics = trainer.strategy.broadcast(metrics, src=0)  # rank zero's numbers everywhere, bit for bit
         self.evaluations += 1
         rank_zero_info(f"generator step {pl_module.generator_step}: " +

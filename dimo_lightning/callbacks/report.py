@@ -45,6 +45,11 @@ class EvaluationReport(Callback):
         batch_size: sampling batch size per rank.
         seed: seed of the samples (same conditions and seed for every row).
         on_fit_end: run at the end of ``dimo fit``.
+        second_extractor: a second feature space for FID / precision / recall, computed on the same images against
+            the same reference (columns ``FID (name)``, ...; keys ``fid2``, ``precision2``, ``recall2`` in
+            ``eval.json``): e.g. ``mnist-dae``, a denoising autoencoder's stroke statistics, not a classifier.
+            None: off.
+        second_weights_path: local weights file of the second extractor.
     """
 
     def __init__(
@@ -60,6 +65,8 @@ class EvaluationReport(Callback):
         batch_size: int = 250,
         seed: int = 0,
         on_fit_end: bool = True,
+        second_extractor: str | None = None,
+        second_weights_path: str | None = None,
     ) -> None:
         if num_samples < 4:
             raise ValueError(f"num_samples must be >= 4, got {num_samples}")
@@ -75,9 +82,12 @@ class EvaluationReport(Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.run_on_fit_end = on_fit_end
+        self.second_extractor_name = second_extractor
+        self.second_weights_path = second_weights_path
         self.rows = None
         self.written: tuple | None = None
         self.extractor = self.reference = self.accuracy_network = None  # built in setup, on the run's device
+        self.second_extractor = self.second_reference = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -88,6 +98,11 @@ class EvaluationReport(Callback):
             self.reference = shared_reference(self.reference_spec, self.extractor, "EvaluationReport.reference",
                                               need_features=4)
             self.accuracy_network = load_accuracy_network(self.accuracy_network_name, device)
+            if self.second_extractor_name is not None:
+                self.second_extractor = shared_extractor(self.second_extractor_name, self.second_weights_path,
+                                                         device, "EvaluationReport.second_extractor")
+                self.second_reference = shared_reference(self.reference_spec, self.second_extractor,
+                                                         "EvaluationReport.reference", need_features=4)
 
     @torch.no_grad()
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -117,9 +132,10 @@ class EvaluationReport(Callback):
         runs.append(("student", 1, lambda b, g: sampler(student, b, g)))
         for name, steps, sample_codes in runs:
             samples = sharded_sample_features(pl_module, sample_codes, conditions, self.extractor, self.batch_size,
-                                              self.seed, self.accuracy_network)
-            rows.append(evaluation_row(name, steps, samples, self.reference))
-            rank_zero_info(f"  evaluated {name} at {steps} step(s): FID {rows[-1].fid:.3f}")
+                                              self.seed, self.accuracy_network, self.second_extractor)
+            rows.append(evaluation_row(name, steps, samples, self.reference, self.second_reference))
+            second = f", FID ({self.second_extractor_name}) {rows[-1].fid2:.3f}" if rows[-1].fid2 is not None else ""
+            rank_zero_info(f"  evaluated {name} at {steps} step(s): FID {rows[-1].fid:.3f}{second}")
         self.rows = trainer.strategy.broadcast(rows, src=0)  # rank zero's numbers on every rank
         if trainer.is_global_zero:
             meta = {
@@ -133,8 +149,10 @@ class EvaluationReport(Callback):
                 "conditions": "labels" if are_labels(conditions) else "prompts",
                 "world_size": trainer.world_size,
             }
+            if self.second_extractor_name is not None:
+                meta["second_extractor"] = self.second_extractor_name
             self.written = write_report(self.rows, directory, meta)
-            print("\n" + format_table(self.rows) + "\n")
+            print("\n" + format_table(self.rows, self.second_extractor_name or "2") + "\n")
             print(f"report written to {self.written[0]} and {self.written[1]}")
 
     @override

@@ -322,7 +322,7 @@ class FeatureExtractor:
         self.feature_layer = cls.get_default_feature_layer_for_metric("fid")
         try:
             self.logits_layer: str | None = cls.get_default_feature_layer_for_metric("isc")
-        except (KeyError, NotImplementedError):
+        except (KeyError, NotImplementedError, ValueError):  # no logits layer (mnist-dae raises ValueError)
             self.logits_layer = None
         layers = [self.feature_layer] + ([self.logits_layer] if self.logits_layer else [])
         self.network = create_feature_extractor(name, layers, cuda=False, feature_extractor_weights_path=weights_path,

@@ -192,6 +192,20 @@ class TeacherDiscriminator(nn.Module):
             raise ValueError(f"student logits have {student_logits.shape[-1]} ids, fewer than the {k} codes")
         return soft_embedding(student_logits[..., :k], trunk.tok_emb.weight[:k])
 
+    @classmethod
+    def student_embeddings(
+        cls, trunk: nn.Module, student_logits: torch.Tensor, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the heads see of the student, (B, N, D): the soft embedding, or with ``tokens`` (B, N) (the
+        student's samples) the straight-through form ``E[tokens] + soft - sg(soft)``: the sampled token's row in
+        the forward pass, the soft embedding's gradient in the backward pass (never a gradient through
+        ``tokens``)."""
+        soft = cls.fake_embeddings(trunk, student_logits)
+        if tokens is None:
+            return soft
+        hard = trunk.tok_emb(tokens).to(soft.dtype)  # the sampler's ids lie in [0, K): no range check (no sync)
+        return hard + soft - soft.detach()
+
     # ---- the logit ----
     def forward(
         self,
@@ -225,6 +239,7 @@ class TeacherDiscriminator(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
         row_weight: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``L_gan`` of the student: non-saturating loss on its soft embeddings; differentiable in the logits.
 
@@ -235,6 +250,7 @@ class TeacherDiscriminator(nn.Module):
             generator: random source of the mask augmentation.
             row_weight: optional (B,) bool of rows to use (e.g. ``finite_rows``): the others never enter the
                 trunk, so a non-finite row cannot reach the loss or the gradient; no row left gives 0.
+            tokens: optional (B, N) sampled tokens: straight-through inputs (:meth:`student_embeddings`).
         """
         if row_weight is not None:
             keep = row_weight.bool()
@@ -243,7 +259,8 @@ class TeacherDiscriminator(nn.Module):
                 finite = torch.where(torch.isfinite(student_logits), student_logits, torch.zeros_like(student_logits))
                 return finite.sum() * 0.0
             student_logits, labels = student_logits[keep], labels[keep]
-        fake = self.fake_embeddings(trunk, student_logits)
+            tokens = tokens[keep] if tokens is not None else None
+        fake = self.student_embeddings(trunk, student_logits, tokens)
         return generator_gan_loss(self(trunk, fake, labels, generator))
 
     def discriminator_loss(
@@ -254,6 +271,7 @@ class TeacherDiscriminator(nn.Module):
         student_logits: torch.Tensor,
         fake_labels: torch.Tensor,
         generator: torch.Generator | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """BCE of the heads on real codes vs the (detached) student's soft embeddings.
 
@@ -264,12 +282,15 @@ class TeacherDiscriminator(nn.Module):
             student_logits: (B_f, N, V) student logits; detached here (no gradient reaches the student).
             fake_labels: (B_f,) the classes the student generated for.
             generator: random source of the mask augmentation.
+            tokens: optional (B_f, N) sampled tokens: the fake side is then their table rows (the forward value of
+                the straight-through input).
 
         Returns:
             (loss, logs): logs hold the mean real / fake logits and the accuracy at threshold 0, detached.
         """
         real_logits = self(trunk, self.real_embeddings(trunk, real_codes), real_labels, generator)
-        fake_logits = self(trunk, self.fake_embeddings(trunk, student_logits.detach()), fake_labels, generator)
+        fake = self.student_embeddings(trunk, student_logits.detach(), tokens).detach()
+        fake_logits = self(trunk, fake, fake_labels, generator)
         loss = discriminator_gan_loss(real_logits, fake_logits)
         with torch.no_grad():
             accuracy = torch.cat([real_logits > 0, fake_logits <= 0]).float().mean()
