@@ -366,9 +366,39 @@ def make_objective(study_name: str, definition: dict[str, Any]):
 
 
 # ---- workers --------------------------------------------------------------------------------------------------------
+def parse_deadline(text: str, now: float | None = None) -> float:
+    """``--until``: ``HH:MM[:SS]`` (today, local time) or an ISO date-time -> epoch seconds."""
+    import datetime as dt
+
+    now_dt = dt.datetime.fromtimestamp(time.time() if now is None else now)
+    try:
+        if "T" in text or "-" in text:
+            moment = dt.datetime.fromisoformat(text)
+        else:
+            moment = dt.datetime.combine(now_dt.date(), dt.time.fromisoformat(text))
+    except ValueError as err:
+        raise ValueError(f"--until expects HH:MM[:SS] or an ISO date-time, got {text!r}") from err
+    return moment.timestamp()
+
+
+def trial_estimate(study, fallback_s: float | None) -> float | None:
+    """Seconds the next trial is expected to take: the longest finished trial of the study, else ``fallback_s``."""
+    from optuna.trial import TrialState
+
+    seconds = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if "seconds" in t.user_attrs]
+    return max(seconds) if seconds else fallback_s
+
+
 def work(storage, study_name: str, max_retries: int = 2, max_trials: int | None = None,
-         poll_s: float | None = None, log=print) -> int:
+         poll_s: float | None = None, log=print, deadline: float | None = None,
+         trial_estimate_s: float | None = None) -> int:
     """Run trials of the study until every grid point is finished (or ``max_trials`` trials ran here).
+
+    With ``deadline`` (epoch seconds), a trial is started only if it is expected to end before it: the expected
+    duration is the longest COMPLETE trial of the study, or ``trial_estimate_s`` before any finished. So a sweep
+    inside a time-limited allocation (a batch job, a shared slot) stops between trials, and the same command resumes
+    it later without losing a run.
 
     Returns the number of trials this worker ran.
     """
@@ -389,6 +419,13 @@ def work(storage, study_name: str, max_retries: int = 2, max_trials: int | None 
         status = grid_status(study, definition)
         todo = [k for k, s in status.items() if not s or s.get("WAITING")]
         running = [k for k, s in status.items() if s.get("RUNNING") and not s.get("COMPLETE")]
+        if todo and deadline is not None:
+            expected = trial_estimate(study, trial_estimate_s) or 0.0
+            if time.time() + expected > deadline:
+                until = time.strftime("%H:%M:%S", time.localtime(deadline))
+                log(f"[sweep {study_name}] stopping before the deadline {until}: the next trial is expected to take "
+                    f"{expected:.0f} s; {len(todo)} grid point(s) left (the same command resumes)")
+                break
         if todo:
             study.optimize(objective, n_trials=1, catch=(TrialFailed,))
             ran += 1
@@ -410,7 +447,8 @@ def work(storage, study_name: str, max_retries: int = 2, max_trials: int | None 
 
 
 def spawn_workers(count: int, storage_url: str, study_name: str, heartbeat_s: int, grace_s: int | None,
-                  max_retries: int, devices: Sequence[str] = ()) -> list[int]:
+                  max_retries: int, devices: Sequence[str] = (), until: str | None = None,
+                  trial_estimate_s: float | None = None) -> list[int]:
     """Start ``count`` worker processes on the study and wait for them; returns their exit codes."""
     processes = []
     for index in range(count):
@@ -418,6 +456,10 @@ def spawn_workers(count: int, storage_url: str, study_name: str, heartbeat_s: in
                    "--study", study_name, "--heartbeat-s", str(heartbeat_s), "--max-retries", str(max_retries)]
         if grace_s is not None:
             command += ["--grace-s", str(grace_s)]
+        if until is not None:
+            command += ["--until", until]
+        if trial_estimate_s is not None:
+            command += ["--trial-estimate-s", str(trial_estimate_s)]
         env = dict(os.environ)
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
@@ -561,6 +603,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="a RUNNING trial without a heartbeat for this long is failed and re-queued "
                             "(default: 3 x heartbeat)")
         p.add_argument("--max-retries", type=int, default=None, help="re-runs of a failed grid point (default 2)")
+        p.add_argument("--until", default=None,
+                       help="start a trial only if it is expected to end by then: HH:MM[:SS] today or an ISO "
+                            "date-time (expected: the study's longest finished trial, else --trial-estimate-s)")
+        p.add_argument("--trial-estimate-s", type=float, default=None,
+                       help="expected seconds of a trial before any has finished (for --until)")
 
     run = sub.add_parser("run", help="create (or resume) a sweep and run its trials")
     run.add_argument("spec", nargs="?", help="sweep spec YAML (a `sweep:` section)")
@@ -597,6 +644,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def deadline_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``work()``'s deadline keywords from ``--until`` and ``--trial-estimate-s``."""
+    if args.trial_estimate_s is not None and args.trial_estimate_s < 0:
+        raise ValueError(f"--trial-estimate-s must be >= 0, got {args.trial_estimate_s}")
+    deadline = parse_deadline(args.until) if args.until else None
+    return {"deadline": deadline, "trial_estimate_s": args.trial_estimate_s}
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.action == "summary":
         storage = make_storage(args.storage or default_storage(DEFAULT_OUT))
@@ -609,7 +664,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ValueError("--study is required")
         storage = make_storage(args.storage or default_storage(DEFAULT_OUT), args.heartbeat_s, args.grace_s,
                                max_retries)
-        work(storage, args.study, max_retries, args.max_trials)
+        work(storage, args.study, max_retries, args.max_trials, **deadline_args(args))
         return 0
     study_name = args.study or spec.get("study")
     if not study_name:
@@ -634,15 +689,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else int(spec.get("workers", 1))
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    deadline = deadline_args(args)  # a bad --until fails here, before any worker starts
     points = len(grid_points(definition))
     print(f"[sweep {study_name}] {points} grid point(s), {workers} worker(s), storage {storage_url}, "
           f"runs under {definition['out']}/{study_name}")
     del study
     if workers == 1:
-        work(storage, study_name, max_retries, args.max_trials)
+        work(storage, study_name, max_retries, args.max_trials, **deadline)
     else:
         devices = [d for d in args.devices.split(",") if d]
-        codes = spawn_workers(workers, storage_url, study_name, args.heartbeat_s, args.grace_s, max_retries, devices)
+        codes = spawn_workers(workers, storage_url, study_name, args.heartbeat_s, args.grace_s, max_retries, devices,
+                              args.until, args.trial_estimate_s)
         if any(codes):
             raise ValueError(f"worker exit codes {codes}")
     summarize(storage, study_name)

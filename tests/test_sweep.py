@@ -262,3 +262,46 @@ def test_plot_series_average_seeds_and_split_series(tmp_path):
     header = "| trial | band | aux_mode | seed | FID | recall | precision | accuracy | KID | state |"
     assert table.splitlines()[0] == header
     assert "| 99 | [0.0, 0.3] | full | 0 | 1000.000 |" in table
+
+
+def test_deadline_starts_only_trials_that_fit(tmp_path, capsys):
+    """--until: no trial starts when the expected duration (--trial-estimate-s before any finished, then the
+    study's longest finished trial) would pass the deadline; the same command later resumes the grid."""
+    import datetime as dt
+
+    import optuna
+
+    spec = fake_spec(tmp_path, [0.0, 1.0, 2.0])
+    in_an_hour = (dt.datetime.now() + dt.timedelta(hours=1)).isoformat(timespec="seconds")
+    assert sweep.main(["run", str(spec), "--until", in_an_hour, "--trial-estimate-s", "7200"]) == 0
+    printed = capsys.readouterr().out
+    assert "stopping before the deadline" in printed and "3 grid point(s) left" in printed
+    storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
+    assert optuna.load_study(study_name="fake", storage=storage).get_trials() == []
+
+    assert sweep.main(["run", str(spec), "--max-trials", "1"]) == 0  # one finished trial: now the estimate
+    # A finished trial took well under an hour, so the too-long fallback no longer blocks: the rest runs.
+    assert sweep.main(["run", str(spec), "--until", in_an_hour, "--trial-estimate-s", "7200"]) == 0
+    trials = optuna.load_study(study_name="fake", storage=storage).get_trials()
+    assert sorted(t.params["model.init_args.r_init"] for t in trials if t.state.name == "COMPLETE") == [0.0, 1.0, 2.0]
+    assert all(t.user_attrs["seconds"] < 3600 for t in trials)
+
+    capsys.readouterr()
+    past = (dt.datetime.now() - dt.timedelta(minutes=1)).strftime("%H:%M:%S")
+    (tmp_path / "other").mkdir()
+    spec_2 = fake_spec(tmp_path / "other", [0.0])
+    assert sweep.main(["run", str(spec_2), "--until", past]) == 0  # a deadline already past: nothing starts
+    assert "stopping before the deadline" in capsys.readouterr().out
+    assert sweep.main(["run", str(spec_2), "--until", "5pm"]) == 2
+    assert "--until expects HH:MM" in capsys.readouterr().err
+
+
+def test_parse_deadline():
+    import datetime as dt
+
+    noon = dt.datetime(2026, 3, 4, 12, 0).timestamp()
+    assert sweep.parse_deadline("17:20", now=noon) == dt.datetime(2026, 3, 4, 17, 20).timestamp()
+    assert sweep.parse_deadline("09:05:30", now=noon) == dt.datetime(2026, 3, 4, 9, 5, 30).timestamp()
+    assert sweep.parse_deadline("2026-03-05T01:00", now=noon) == dt.datetime(2026, 3, 5, 1, 0).timestamp()
+    with pytest.raises(ValueError, match="--until"):
+        sweep.parse_deadline("tomorrow")
