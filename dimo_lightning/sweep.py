@@ -322,6 +322,40 @@ def read_student_row(eval_json: Path) -> dict[str, Any]:
     return row
 
 
+CONSISTENCY_TAG = "train/consistency_kl/"
+
+
+def read_consistency_kl(log_dir: Path) -> dict[str, float]:
+    """The last logged ``train/consistency_kl/<band>`` scalars (ConsistencyMonitor) of a run's TensorBoard events.
+
+    Returns ``{band: value}`` (e.g. ``{"0-0.3": 0.01, "all": 0.05}``); empty when the run logged none or
+    TensorBoard is not installed.
+    """
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return {}
+    latest: dict[str, tuple[int, float, float]] = {}  # band -> (step, wall time, value)
+    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("scalars", []):
+            if tag.startswith(CONSISTENCY_TAG):
+                last = max(accumulator.Scalars(tag), key=lambda e: (e.step, e.wall_time))
+                band = tag.removeprefix(CONSISTENCY_TAG)
+                if band not in latest or (last.step, last.wall_time) > latest[band][:2]:
+                    latest[band] = (last.step, last.wall_time, float(last.value))
+    return {band: value for band, (_, _, value) in latest.items()}
+
+
+def band_order(band: str) -> tuple[float, str]:
+    """Bands by their lower edge (``"0.3-0.7"`` -> 0.3), ``all`` last."""
+    try:
+        return float(band.split("-")[0]), band
+    except ValueError:
+        return math.inf, band
+
+
 def make_objective(study_name: str, definition: dict[str, Any]):
     """The Optuna objective: run one ``dimo fit`` for the trial's grid point and return the student's FID."""
     import optuna
@@ -360,6 +394,8 @@ def make_objective(study_name: str, definition: dict[str, Any]):
         for name in (*METRICS, "generator_step"):
             if row.get(name) is not None:
                 trial.set_user_attr(name, row[name])
+        for band, value in read_consistency_kl(log_dir).items():  # the final student's consistency diagnostic
+            trial.set_user_attr(f"consistency_kl/{band}", value)
         return float(row["fid"])
 
     return objective
@@ -486,6 +522,8 @@ def summary_rows(study, definition: dict[str, Any]) -> list[dict[str, Any]]:
         row = {"trial": trial.number, "state": trial.state.name}
         row.update({key: trial.params.get(key) for key in definition["grid"]})
         row.update({m: trial.user_attrs.get(m, math.nan) for m in METRICS})
+        row["consistency_kl"] = {k.removeprefix("consistency_kl/"): v for k, v in trial.user_attrs.items()
+                                 if k.startswith("consistency_kl/")}
         row["log_dir"] = trial.user_attrs.get("log_dir", "")
         rows.append(row)
     grid = definition["grid"]
@@ -497,9 +535,11 @@ def summary_rows(study, definition: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def format_summary(rows: list[dict[str, Any]], definition: dict[str, Any]) -> str:
-    """A Markdown table of every trial."""
+    """A Markdown table of every trial; with ``KL <band>`` columns (the last consistency diagnostic) if logged."""
     keys = list(definition["grid"])
-    header = ["trial", *map(short_name, keys), "FID", "recall", "precision", "accuracy", "KID", "state"]
+    bands = sorted({b for r in rows for b in r.get("consistency_kl", {})}, key=band_order)
+    header = ["trial", *map(short_name, keys), "FID", "recall", "precision", "accuracy", "KID",
+              *(f"KL {b}" for b in bands), "state"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + "---|"]
 
     def number(value: Any, digits: int) -> str:
@@ -507,7 +547,8 @@ def format_summary(rows: list[dict[str, Any]], definition: dict[str, Any]) -> st
 
     for r in rows:
         cells = [str(r["trial"]), *(str(r[k]) for k in keys), number(r["fid"], 3), number(r["recall"], 3),
-                 number(r["precision"], 3), number(r["accuracy"], 3), number(r["kid"], 4), r["state"]]
+                 number(r["precision"], 3), number(r["accuracy"], 3), number(r["kid"], 4),
+                 *(number(r.get("consistency_kl", {}).get(b), 4) for b in bands), r["state"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ command for the process-level checks: a killed worker's trial is re-queued, seve
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,7 +34,9 @@ def tiny_fit_config(tmp_path: Path) -> Path:
             "accelerator": "cpu", "devices": 1, "max_epochs": -1, "enable_progress_bar": False,
             "enable_model_summary": False, "enable_checkpointing": False, "num_sanity_val_steps": 0,
             "callbacks": [{"class_path": "dimo_lightning.callbacks.report.EvaluationReport",
-                           "init_args": {"num_samples": 20, "teacher_steps": [], "batch_size": 20}}],
+                           "init_args": {"num_samples": 20, "teacher_steps": [], "batch_size": 20}},
+                          {"class_path": "dimo_lightning.callbacks.consistency.ConsistencyMonitor",
+                           "init_args": {"every_n_generator_steps": 1, "num_samples": 8, "band_edges": [0, 0.5, 1]}}],
         },
         "model": {"class_path": "dimo_lightning.module.DiMOModule", "init_args": {
             "teacher": {"class_path": "dimo_lightning.teachers.mnist.MNISTTeacher",
@@ -140,6 +143,8 @@ def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
         assert trial.user_attrs["generator_step"] == 2
         hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
         assert hparams["r_init"] == trial.params["model.init_args.r_init"]  # the override reached the module
+        kl = {k: v for k, v in trial.user_attrs.items() if k.startswith("consistency_kl/")}
+        assert "consistency_kl/all" in kl and all(v >= 0 for v in kl.values())  # the run's last diagnostic
     finished = {t.number: t.datetime_complete for t in trials}
     capsys.readouterr()
 
@@ -147,7 +152,7 @@ def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
     again = optuna.load_study(study_name="tiny", storage=storage).get_trials()
     assert {t.number: t.datetime_complete for t in again} == finished
     printed = capsys.readouterr().out
-    assert "| trial | r_init | FID | recall | precision | accuracy | KID | state |" in printed
+    assert "| trial | r_init | FID | recall | precision | accuracy | KID |" in printed and "KL all | state |" in printed
     assert printed.count("| COMPLETE |") == 2
     for metric in sweep.PLOTTED_METRICS:
         png = out / "tiny" / f"tiny_{metric}.png"
@@ -305,3 +310,32 @@ def test_parse_deadline():
     assert sweep.parse_deadline("2026-03-05T01:00", now=noon) == dt.datetime(2026, 3, 5, 1, 0).timestamp()
     with pytest.raises(ValueError, match="--until"):
         sweep.parse_deadline("tomorrow")
+
+
+def test_consistency_kl_is_read_from_tensorboard_and_tabled(tmp_path):
+    """The last train/consistency_kl/* scalar of every band (any event file of the run) becomes a KL column."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for part, rows in (("a", [(50, 0.30, 0.10), (100, 0.20, 0.05)]), ("b", [(150, 0.25, 0.07)])):
+        writer = SummaryWriter(str(tmp_path / "run" / part))
+        for step, high, low in rows:
+            writer.add_scalar("train/consistency_kl/0.5-1", high, step)
+            writer.add_scalar("train/consistency_kl/0-0.5", low, step)
+            writer.add_scalar("train/consistency_kl/all", (high + low) / 2, step)
+            writer.add_scalar("train/loss", 1.0, step)
+        writer.close()
+    kl = sweep.read_consistency_kl(tmp_path / "run")
+    assert kl == pytest.approx({"0-0.5": 0.07, "0.5-1": 0.25, "all": 0.16})  # step 150 is the latest
+    assert sweep.read_consistency_kl(tmp_path / "nothing") == {}
+
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    definition = sweep.build_definition([str(config)], [], {"m.r": [0.1, 0.2]})
+    rows = [{"trial": 0, "state": "COMPLETE", "m.r": 0.1, "fid": 5.0, "recall": 0.5, "precision": 0.5,
+             "accuracy": 0.9, "kid": 0.1, "consistency_kl": kl, "log_dir": ""},
+            {"trial": 1, "state": "FAIL", "m.r": 0.2, "fid": math.nan, "recall": math.nan, "precision": math.nan,
+             "accuracy": math.nan, "kid": math.nan, "consistency_kl": {}, "log_dir": ""}]
+    table = sweep.format_summary(rows, definition).splitlines()
+    assert table[0].endswith("| KID | KL 0-0.5 | KL 0.5-1 | KL all | state |")
+    assert table[2].endswith("| 0.1000 | 0.0700 | 0.2500 | 0.1600 | COMPLETE |")
+    assert table[3].endswith("| - | - | - | - | FAIL |")
