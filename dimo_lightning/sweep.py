@@ -229,6 +229,20 @@ def grid_points(definition: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*definition["grid"].values())]
 
 
+def traversal_order(definition: dict[str, Any]) -> list[dict[str, Any]]:
+    """The order in which a sweep runs its grid points: the ``average_over`` keys (seeds) outermost, then the
+    other keys in the grid's order (first key slowest), each key's values in the order given.
+
+    So a sweep stopped early (``--until``, ``--max-trials``) has every swept value at its first seed before any at
+    its second, and the values listed first run first.
+    """
+    import itertools
+
+    averaged = [k for k in definition["average_over"] if k in definition["grid"]]
+    keys = averaged + [k for k in definition["grid"] if k not in averaged]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(definition["grid"][k] for k in keys))]
+
+
 def point_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 
@@ -463,6 +477,9 @@ def work(storage, study_name: str, max_retries: int = 2, max_trials: int | None 
                     f"{expected:.0f} s; {len(todo)} grid point(s) left (the same command resumes)")
                 break
         if todo:
+            if not any(status[k].get("WAITING") for k in todo):  # no re-queued trial first: the next grid point
+                params = next(p for p in traversal_order(definition) if point_key(p) in todo)
+                study.enqueue_trial(params)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,))
             ran += 1
             waiting_logged = False
@@ -570,7 +587,11 @@ def plot_series(rows: list[dict[str, Any]], definition: dict[str, Any], metric: 
             continue
         label = ", ".join(f"{short_name(k)}={r[k]}" for k in series_keys)
         groups.setdefault(label, {}).setdefault(r[x_key], []).append(r[metric])
-    order = {v: i for i, v in enumerate(definition["grid"][x_key])}
+    values = definition["grid"][x_key]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        order = {v: v for v in values}  # a numeric axis: the line goes left to right whatever the run order
+    else:
+        order = {v: i for i, v in enumerate(values)}
     return {
         label: [(x, sum(v) / len(v), min(v), max(v)) for x, v in sorted(points.items(), key=lambda p: order[p[0]])]
         for label, points in groups.items()

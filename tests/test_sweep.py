@@ -339,3 +339,27 @@ def test_consistency_kl_is_read_from_tensorboard_and_tabled(tmp_path):
     assert table[0].endswith("| KID | KL 0-0.5 | KL 0.5-1 | KL all | state |")
     assert table[2].endswith("| 0.1000 | 0.0700 | 0.2500 | 0.1600 | COMPLETE |")
     assert table[3].endswith("| - | - | - | - | FAIL |")
+
+
+def test_trials_run_in_grid_order_seeds_outermost(tmp_path):
+    """A sweep stopped early has run every swept value at its first seed, in the order the values are listed."""
+    import optuna
+
+    spec = fake_spec(tmp_path, [1.0, 0.0, 0.5], average_over=["seed_everything"])
+    document = yaml.safe_load(spec.read_text())
+    document["sweep"]["grid"]["seed_everything"] = [7, 8]
+    spec.write_text(yaml.safe_dump(document))
+    definition = sweep.build_definition(
+        [str(tmp_path / "base.yaml")], [], document["sweep"]["grid"], average_over=["seed_everything"])
+    assert [(p["model.init_args.r_init"], p["seed_everything"]) for p in sweep.traversal_order(definition)] == [
+        (1.0, 7), (0.0, 7), (0.5, 7), (1.0, 8), (0.0, 8), (0.5, 8)]
+
+    assert sweep.main(["run", str(spec), "--max-trials", "4"]) == 0
+    storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
+    trials = sorted(optuna.load_study(study_name="fake", storage=storage).get_trials(), key=lambda t: t.number)
+    assert [(t.params["model.init_args.r_init"], t.params["seed_everything"], t.state.name) for t in trials] == [
+        (1.0, 7, "COMPLETE"), (0.0, 7, "COMPLETE"), (0.5, 7, "COMPLETE"), (1.0, 8, "COMPLETE")]
+    # The plot's numeric axis runs left to right whatever the run order: FID = 10 + r_init (FAKE_FIT).
+    study, stored = sweep.load_study(storage, "fake")
+    series = sweep.plot_series(sweep.summary_rows(study, stored), stored, "fid")
+    assert series == {"": [(0.0, 10.0, 10.0, 10.0), (0.5, 10.5, 10.5, 10.5), (1.0, 11.0, 11.0, 11.0)]}
