@@ -12,6 +12,10 @@ by default; any SQLAlchemy URL, e.g. PostgreSQL, lets workers on many machines s
 ``OUT/STUDY/trial_NNNN`` and reads the student row of its ``eval.json`` (written by the ``EvaluationReport``
 callback): the trial's value is the FID; recall, precision, accuracy and KID are user attributes.
 
+Order and deadlines: grid points run in the grid's order with the ``average_over`` keys (seeds) outermost, so a
+sweep stopped early is balanced; ``--until HH:MM`` starts a trial only if it is expected to end by then (the
+study's longest finished trial, or ``--trial-estimate-s``), for batch allocations and shared time slots.
+
 Resuming: running the same command again skips finished grid points. A trial whose worker died stays RUNNING in
 the storage; its heartbeat (recorded every ``heartbeat_s`` seconds by Optuna) stops, and once it is older than
 ``grace_s`` the trial is marked FAIL (``optuna.storages.fail_stale_trials``). A FAIL trial (dead worker, Ctrl-C,
