@@ -51,6 +51,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -624,12 +625,20 @@ def write_plots(rows: list[dict[str, Any]], definition: dict[str, Any], study_na
             xs = [p[0] if numeric else values.index(p[0]) for p in points]
             means = [p[1] for p in points]
             errors = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-            ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label or None)
+            # Categories (aux modes, bands) are not a continuum: markers only, no line between them.
+            ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label or None,
+                        linestyle="-" if numeric else "none")
         if not numeric:
             ax.set_xticks(range(len(values)), [str(v) for v in values])
         ax.set_xlabel(short_name(x_key))
         ax.set_ylabel(metric)
-        suffix = f" (mean, min-max over {', '.join(map(short_name, averaged))})" if averaged else ""
+        suffix = ""
+        if averaged:  # how many runs each point averages (a sweep stopped early may have fewer than the grid)
+            per_point = Counter(tuple(r[k] for k in definition["grid"] if k not in averaged) for r in rows
+                                if r["state"] == "COMPLETE" and not math.isnan(r[metric]))
+            low, high = min(per_point.values()), max(per_point.values())
+            runs = str(low) if low == high else f"{low}-{high}"
+            suffix = f"\n(mean and min-max over {', '.join(map(short_name, averaged))}: {runs} run(s) per point)"
         ax.set_title(f"{study_name}: {metric}{suffix}", fontsize=9)
         ax.grid(alpha=0.3)
         if any(series):  # labels exist only when a second swept key splits the points into series
