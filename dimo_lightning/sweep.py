@@ -546,6 +546,7 @@ def summary_rows(study, definition: dict[str, Any]) -> list[dict[str, Any]]:
         row.update({m: trial.user_attrs.get(m, math.nan) for m in METRICS})
         row["consistency_kl"] = {k.removeprefix("consistency_kl/"): v for k, v in trial.user_attrs.items()
                                  if k.startswith("consistency_kl/")}
+        row["generator_step"] = trial.user_attrs.get("generator_step")
         row["log_dir"] = trial.user_attrs.get("log_dir", "")
         rows.append(row)
     grid = definition["grid"]
@@ -603,6 +604,21 @@ def plot_series(rows: list[dict[str, Any]], definition: dict[str, Any], metric: 
     }
 
 
+def plot_note(rows: list[dict[str, Any]], definition: dict[str, Any], metric: str) -> str:
+    """What a plot's points are, for its title: the runs each point averages and the trials' generator steps."""
+    averaged = [k for k in definition["grid"] if k in definition["average_over"]]
+    done = [r for r in rows if r["state"] == "COMPLETE" and not math.isnan(r[metric])]
+    per_point = Counter(tuple(r[k] for k in definition["grid"] if k not in averaged) for r in done)
+    low, high = min(per_point.values()), max(per_point.values())
+    runs = str(low) if low == high else f"{low}-{high}"
+    note = (f"mean and min-max over {', '.join(map(short_name, averaged))}: {runs} run(s) per point" if averaged
+            else f"{runs} run per point")
+    steps = sorted({r["generator_step"] for r in done if r.get("generator_step") is not None})
+    if steps:
+        note += f"; {'/'.join(map(str, steps))} generator steps"
+    return note
+
+
 def write_plots(rows: list[dict[str, Any]], definition: dict[str, Any], study_name: str, directory: Path) -> list[Path]:
     """One PNG per metric against the swept value (numeric x axis when every value is a number)."""
     import matplotlib
@@ -632,14 +648,7 @@ def write_plots(rows: list[dict[str, Any]], definition: dict[str, Any], study_na
             ax.set_xticks(range(len(values)), [str(v) for v in values])
         ax.set_xlabel(short_name(x_key))
         ax.set_ylabel(metric)
-        suffix = ""
-        if averaged:  # how many runs each point averages (a sweep stopped early may have fewer than the grid)
-            per_point = Counter(tuple(r[k] for k in definition["grid"] if k not in averaged) for r in rows
-                                if r["state"] == "COMPLETE" and not math.isnan(r[metric]))
-            low, high = min(per_point.values()), max(per_point.values())
-            runs = str(low) if low == high else f"{low}-{high}"
-            suffix = f"\n(mean and min-max over {', '.join(map(short_name, averaged))}: {runs} run(s) per point)"
-        ax.set_title(f"{study_name}: {metric}{suffix}", fontsize=9)
+        ax.set_title(f"{study_name}: {metric}\n({plot_note(rows, definition, metric)})", fontsize=9)
         ax.grid(alpha=0.3)
         if any(series):  # labels exist only when a second swept key splits the points into series
             ax.legend(fontsize=7)

@@ -363,3 +363,5 @@ def test_trials_run_in_grid_order_seeds_outermost(tmp_path):
     study, stored = sweep.load_study(storage, "fake")
     series = sweep.plot_series(sweep.summary_rows(study, stored), stored, "fid")
     assert series == {"": [(0.0, 10.0, 10.0, 10.0), (0.5, 10.5, 10.5, 10.5), (1.0, 11.0, 11.0, 11.0)]}
+    assert sweep.plot_note(sweep.summary_rows(study, stored), stored, "fid") == (
+        "mean and min-max over seed_everything: 1-2 run(s) per point; 2 generator steps")
