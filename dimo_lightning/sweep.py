@@ -533,6 +533,10 @@ def spawn_workers(count: int, storage_url: str, study_name: str, heartbeat_s: in
 
 
 # ---- summary --------------------------------------------------------------------------------------------------------
+def is_numeric(values: Sequence[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def short_name(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
@@ -551,8 +555,13 @@ def summary_rows(study, definition: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(row)
     grid = definition["grid"]
 
-    def grid_order(row: dict[str, Any]) -> tuple[int, ...]:  # the spec's order of values, then trial number
-        return (*(grid[k].index(row[k]) if row[k] in grid[k] else len(grid[k]) for k in grid), row["trial"])
+    def position(key: str, value: Any) -> float:  # numbers by value; other values in the order the grid lists them
+        if value not in grid[key]:
+            return math.inf
+        return float(value) if is_numeric(grid[key]) else float(grid[key].index(value))
+
+    def grid_order(row: dict[str, Any]) -> tuple[float, ...]:
+        return (*(position(k, row[k]) for k in grid), row["trial"])
 
     return sorted(rows, key=grid_order)
 
@@ -594,7 +603,7 @@ def plot_series(rows: list[dict[str, Any]], definition: dict[str, Any], metric: 
         label = ", ".join(f"{short_name(k)}={r[k]}" for k in series_keys)
         groups.setdefault(label, {}).setdefault(r[x_key], []).append(r[metric])
     values = definition["grid"][x_key]
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    if is_numeric(values):
         order = {v: v for v in values}  # a numeric axis: the line goes left to right whatever the run order
     else:
         order = {v: i for i, v in enumerate(values)}
@@ -630,7 +639,7 @@ def write_plots(rows: list[dict[str, Any]], definition: dict[str, Any], study_na
     averaged = set(definition["average_over"])
     x_key = next(k for k in definition["grid"] if k not in averaged)
     values = definition["grid"][x_key]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    numeric = is_numeric(values)
     paths = []
     for metric in PLOTTED_METRICS:
         series = plot_series(rows, definition, metric)

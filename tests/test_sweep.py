@@ -361,6 +361,8 @@ def test_trials_run_in_grid_order_seeds_outermost(tmp_path):
         (1.0, 7, "COMPLETE"), (0.0, 7, "COMPLETE"), (0.5, 7, "COMPLETE"), (1.0, 8, "COMPLETE")]
     # The plot's numeric axis runs left to right whatever the run order: FID = 10 + r_init (FAKE_FIT).
     study, stored = sweep.load_study(storage, "fake")
+    table_order = [(r["model.init_args.r_init"], r["seed_everything"]) for r in sweep.summary_rows(study, stored)]
+    assert table_order == [(0.0, 7), (0.5, 7), (1.0, 7), (1.0, 8)]  # the table sorts numbers by value too
     series = sweep.plot_series(sweep.summary_rows(study, stored), stored, "fid")
     assert series == {"": [(0.0, 10.0, 10.0, 10.0), (0.5, 10.5, 10.5, 10.5), (1.0, 11.0, 11.0, 11.0)]}
     assert sweep.plot_note(sweep.summary_rows(study, stored), stored, "fid") == (
