@@ -670,11 +670,15 @@ def write_plots(rows: list[dict[str, Any]], definition: dict[str, Any], study_na
 
 
 def summarize(storage, study_name: str, plot_dir: str | Path | None = None, log=print) -> list[Path]:
-    """Print the table of every trial and write the plots; returns the PNG paths."""
+    """Print the table of every trial, write it to ``STUDY_summary.md`` and write the plots; returns the PNG paths."""
     study, definition = load_study(storage, study_name)
     rows = summary_rows(study, definition)
     log(format_summary(rows, definition))
     directory = Path(plot_dir) if plot_dir is not None else Path(definition["out"]) / study_name
+    directory.mkdir(parents=True, exist_ok=True)
+    table = directory / f"{study_name}_summary.md"
+    table.write_text(format_summary(rows, definition) + "\n")
+    log(f"table: {table}")
     paths = write_plots(rows, definition, study_name, directory)
     if paths:
         log("plots: " + ", ".join(str(p) for p in paths))
@@ -720,10 +724,10 @@ def _parser() -> argparse.ArgumentParser:
     storage_args(worker)
     worker.add_argument("--max-trials", type=int, default=None)
 
-    summary = sub.add_parser("summary", help="print the table of a sweep and write one PNG per metric")
+    summary = sub.add_parser("summary", help="print the table of a sweep, write it (Markdown) and one PNG per metric")
     summary.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///runs/sweeps/sweeps.db)")
     summary.add_argument("--study", required=True)
-    summary.add_argument("--plots", default=None, help="folder of the PNGs (default: OUT/STUDY)")
+    summary.add_argument("--plots", default=None, help="folder of the table and the PNGs (default: OUT/STUDY)")
     return parser
 
 

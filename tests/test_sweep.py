@@ -154,6 +154,7 @@ def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| trial | r_init | FID | recall | precision | accuracy | KID |" in printed and "KL all | state |" in printed
     assert printed.count("| COMPLETE |") == 2
+    assert (out / "tiny" / "tiny_summary.md").read_text().count("| COMPLETE |") == 2
     for metric in sweep.PLOTTED_METRICS:
         png = out / "tiny" / f"tiny_{metric}.png"
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
