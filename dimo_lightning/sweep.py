@@ -701,8 +701,9 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: 3 x heartbeat)")
         p.add_argument("--max-retries", type=int, default=None, help="re-runs of a failed grid point (default 2)")
         p.add_argument("--until", default=None,
-                       help="start a trial only if it is expected to end by then: HH:MM[:SS] today or an ISO "
-                            "date-time (expected: the study's longest finished trial, else --trial-estimate-s)")
+                       help="start a trial only if it is expected to end by then: HH:MM[:SS] today (local time; "
+                            "across midnight give an ISO date-time such as 2026-03-05T01:00) (expected: the study's "
+                            "longest finished trial, else --trial-estimate-s)")
         p.add_argument("--trial-estimate-s", type=float, default=None,
                        help="expected seconds of a trial before any has finished (for --until)")
 
