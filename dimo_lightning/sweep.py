@@ -12,6 +12,10 @@ by default; any SQLAlchemy URL, e.g. PostgreSQL, lets workers on many machines s
 ``OUT/STUDY/trial_NNNN`` and reads the student row of its ``eval.json`` (written by the ``EvaluationReport``
 callback): the trial's value is the FID; recall, precision, accuracy and KID are user attributes.
 
+Order and deadlines: grid points run in the grid's order with the ``average_over`` keys (seeds) outermost, so a
+sweep stopped early is balanced; ``--until HH:MM`` starts a trial only if it is expected to end by then (the
+study's longest finished trial, or ``--trial-estimate-s``), for batch allocations and shared time slots.
+
 Resuming: running the same command again skips finished grid points. A trial whose worker died stays RUNNING in
 the storage; its heartbeat (recorded every ``heartbeat_s`` seconds by Optuna) stops, and once it is older than
 ``grace_s`` the trial is marked FAIL (``optuna.storages.fail_stale_trials``). A FAIL trial (dead worker, Ctrl-C,
@@ -47,6 +51,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -229,6 +234,20 @@ def grid_points(definition: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*definition["grid"].values())]
 
 
+def traversal_order(definition: dict[str, Any]) -> list[dict[str, Any]]:
+    """The order in which a sweep runs its grid points: the ``average_over`` keys (seeds) outermost, then the
+    other keys in the grid's order (first key slowest), each key's values in the order given.
+
+    So a sweep stopped early (``--until``, ``--max-trials``) has every swept value at its first seed before any at
+    its second, and the values listed first run first.
+    """
+    import itertools
+
+    averaged = [k for k in definition["average_over"] if k in definition["grid"]]
+    keys = averaged + [k for k in definition["grid"] if k not in averaged]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(definition["grid"][k] for k in keys))]
+
+
 def point_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 
@@ -322,6 +341,40 @@ def read_student_row(eval_json: Path) -> dict[str, Any]:
     return row
 
 
+CONSISTENCY_TAG = "train/consistency_kl/"
+
+
+def read_consistency_kl(log_dir: Path) -> dict[str, float]:
+    """The last logged ``train/consistency_kl/<band>`` scalars (ConsistencyMonitor) of a run's TensorBoard events.
+
+    Returns ``{band: value}`` (e.g. ``{"0-0.3": 0.01, "all": 0.05}``); empty when the run logged none or
+    TensorBoard is not installed.
+    """
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return {}
+    latest: dict[str, tuple[int, float, float]] = {}  # band -> (step, wall time, value)
+    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("scalars", []):
+            if tag.startswith(CONSISTENCY_TAG):
+                last = max(accumulator.Scalars(tag), key=lambda e: (e.step, e.wall_time))
+                band = tag.removeprefix(CONSISTENCY_TAG)
+                if band not in latest or (last.step, last.wall_time) > latest[band][:2]:
+                    latest[band] = (last.step, last.wall_time, float(last.value))
+    return {band: value for band, (_, _, value) in latest.items()}
+
+
+def band_order(band: str) -> tuple[float, str]:
+    """Bands by their lower edge (``"0.3-0.7"`` -> 0.3), ``all`` last."""
+    try:
+        return float(band.split("-")[0]), band
+    except ValueError:
+        return math.inf, band
+
+
 def make_objective(study_name: str, definition: dict[str, Any]):
     """The Optuna objective: run one ``dimo fit`` for the trial's grid point and return the student's FID."""
     import optuna
@@ -360,15 +413,47 @@ def make_objective(study_name: str, definition: dict[str, Any]):
         for name in (*METRICS, "generator_step"):
             if row.get(name) is not None:
                 trial.set_user_attr(name, row[name])
+        for band, value in read_consistency_kl(log_dir).items():  # the final student's consistency diagnostic
+            trial.set_user_attr(f"consistency_kl/{band}", value)
         return float(row["fid"])
 
     return objective
 
 
 # ---- workers --------------------------------------------------------------------------------------------------------
+def parse_deadline(text: str, now: float | None = None) -> float:
+    """``--until``: ``HH:MM[:SS]`` (today, local time) or an ISO date-time -> epoch seconds."""
+    import datetime as dt
+
+    now_dt = dt.datetime.fromtimestamp(time.time() if now is None else now)
+    try:
+        if "T" in text or "-" in text:
+            moment = dt.datetime.fromisoformat(text)
+        else:
+            moment = dt.datetime.combine(now_dt.date(), dt.time.fromisoformat(text))
+    except ValueError as err:
+        raise ValueError(f"--until expects HH:MM[:SS] or an ISO date-time, got {text!r}") from err
+    return moment.timestamp()
+
+
+def trial_estimate(study, fallback_s: float | None) -> float | None:
+    """Seconds the next trial is expected to take: the longest finished trial of the study, else ``fallback_s``."""
+    from optuna.trial import TrialState
+
+    seconds = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if "seconds" in t.user_attrs]
+    return max(seconds) if seconds else fallback_s
+
+
 def work(storage, study_name: str, max_retries: int = 2, max_trials: int | None = None,
-         poll_s: float | None = None, log=print) -> int:
+         poll_s: float | None = None, log=print, deadline: float | None = None,
+         trial_estimate_s: float | None = None) -> int:
     """Run trials of the study until every grid point is finished (or ``max_trials`` trials ran here).
+
+    With ``deadline`` (epoch seconds), a trial is started only if it is expected to end before it: the expected
+    duration is the longest COMPLETE trial of the study, or ``trial_estimate_s`` before any finished. So a sweep
+    inside a time-limited allocation (a batch job, a shared slot) stops between trials, and the same command resumes
+    it later without losing a run.
 
     Returns the number of trials this worker ran.
     """
@@ -389,7 +474,17 @@ def work(storage, study_name: str, max_retries: int = 2, max_trials: int | None 
         status = grid_status(study, definition)
         todo = [k for k, s in status.items() if not s or s.get("WAITING")]
         running = [k for k, s in status.items() if s.get("RUNNING") and not s.get("COMPLETE")]
+        if todo and deadline is not None:
+            expected = trial_estimate(study, trial_estimate_s) or 0.0
+            if time.time() + expected > deadline:
+                until = time.strftime("%H:%M:%S", time.localtime(deadline))
+                log(f"[sweep {study_name}] stopping before the deadline {until}: the next trial is expected to take "
+                    f"{expected:.0f} s; {len(todo)} grid point(s) left (the same command resumes)")
+                break
         if todo:
+            if not any(status[k].get("WAITING") for k in todo):  # no re-queued trial first: the next grid point
+                params = next(p for p in traversal_order(definition) if point_key(p) in todo)
+                study.enqueue_trial(params)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,))
             ran += 1
             waiting_logged = False
@@ -410,7 +505,8 @@ def work(storage, study_name: str, max_retries: int = 2, max_trials: int | None 
 
 
 def spawn_workers(count: int, storage_url: str, study_name: str, heartbeat_s: int, grace_s: int | None,
-                  max_retries: int, devices: Sequence[str] = ()) -> list[int]:
+                  max_retries: int, devices: Sequence[str] = (), until: str | None = None,
+                  trial_estimate_s: float | None = None) -> list[int]:
     """Start ``count`` worker processes on the study and wait for them; returns their exit codes."""
     processes = []
     for index in range(count):
@@ -418,6 +514,10 @@ def spawn_workers(count: int, storage_url: str, study_name: str, heartbeat_s: in
                    "--study", study_name, "--heartbeat-s", str(heartbeat_s), "--max-retries", str(max_retries)]
         if grace_s is not None:
             command += ["--grace-s", str(grace_s)]
+        if until is not None:
+            command += ["--until", until]
+        if trial_estimate_s is not None:
+            command += ["--trial-estimate-s", str(trial_estimate_s)]
         env = dict(os.environ)
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
@@ -433,6 +533,10 @@ def spawn_workers(count: int, storage_url: str, study_name: str, heartbeat_s: in
 
 
 # ---- summary --------------------------------------------------------------------------------------------------------
+def is_numeric(values: Sequence[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def short_name(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
@@ -444,20 +548,30 @@ def summary_rows(study, definition: dict[str, Any]) -> list[dict[str, Any]]:
         row = {"trial": trial.number, "state": trial.state.name}
         row.update({key: trial.params.get(key) for key in definition["grid"]})
         row.update({m: trial.user_attrs.get(m, math.nan) for m in METRICS})
+        row["consistency_kl"] = {k.removeprefix("consistency_kl/"): v for k, v in trial.user_attrs.items()
+                                 if k.startswith("consistency_kl/")}
+        row["generator_step"] = trial.user_attrs.get("generator_step")
         row["log_dir"] = trial.user_attrs.get("log_dir", "")
         rows.append(row)
     grid = definition["grid"]
 
-    def grid_order(row: dict[str, Any]) -> tuple[int, ...]:  # the spec's order of values, then trial number
-        return (*(grid[k].index(row[k]) if row[k] in grid[k] else len(grid[k]) for k in grid), row["trial"])
+    def position(key: str, value: Any) -> float:  # numbers by value; other values in the order the grid lists them
+        if value not in grid[key]:
+            return math.inf
+        return float(value) if is_numeric(grid[key]) else float(grid[key].index(value))
+
+    def grid_order(row: dict[str, Any]) -> tuple[float, ...]:
+        return (*(position(k, row[k]) for k in grid), row["trial"])
 
     return sorted(rows, key=grid_order)
 
 
 def format_summary(rows: list[dict[str, Any]], definition: dict[str, Any]) -> str:
-    """A Markdown table of every trial."""
+    """A Markdown table of every trial; with ``KL <band>`` columns (the last consistency diagnostic) if logged."""
     keys = list(definition["grid"])
-    header = ["trial", *map(short_name, keys), "FID", "recall", "precision", "accuracy", "KID", "state"]
+    bands = sorted({b for r in rows for b in r.get("consistency_kl", {})}, key=band_order)
+    header = ["trial", *map(short_name, keys), "FID", "recall", "precision", "accuracy", "KID",
+              *(f"KL {b}" for b in bands), "state"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + "---|"]
 
     def number(value: Any, digits: int) -> str:
@@ -465,7 +579,8 @@ def format_summary(rows: list[dict[str, Any]], definition: dict[str, Any]) -> st
 
     for r in rows:
         cells = [str(r["trial"]), *(str(r[k]) for k in keys), number(r["fid"], 3), number(r["recall"], 3),
-                 number(r["precision"], 3), number(r["accuracy"], 3), number(r["kid"], 4), r["state"]]
+                 number(r["precision"], 3), number(r["accuracy"], 3), number(r["kid"], 4),
+                 *(number(r.get("consistency_kl", {}).get(b), 4) for b in bands), r["state"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -487,11 +602,30 @@ def plot_series(rows: list[dict[str, Any]], definition: dict[str, Any], metric: 
             continue
         label = ", ".join(f"{short_name(k)}={r[k]}" for k in series_keys)
         groups.setdefault(label, {}).setdefault(r[x_key], []).append(r[metric])
-    order = {v: i for i, v in enumerate(definition["grid"][x_key])}
+    values = definition["grid"][x_key]
+    if is_numeric(values):
+        order = {v: v for v in values}  # a numeric axis: the line goes left to right whatever the run order
+    else:
+        order = {v: i for i, v in enumerate(values)}
     return {
         label: [(x, sum(v) / len(v), min(v), max(v)) for x, v in sorted(points.items(), key=lambda p: order[p[0]])]
         for label, points in groups.items()
     }
+
+
+def plot_note(rows: list[dict[str, Any]], definition: dict[str, Any], metric: str) -> str:
+    """What a plot's points are, for its title: the runs each point averages and the trials' generator steps."""
+    averaged = [k for k in definition["grid"] if k in definition["average_over"]]
+    done = [r for r in rows if r["state"] == "COMPLETE" and not math.isnan(r[metric])]
+    per_point = Counter(tuple(r[k] for k in definition["grid"] if k not in averaged) for r in done)
+    low, high = min(per_point.values()), max(per_point.values())
+    runs = str(low) if low == high else f"{low}-{high}"
+    note = (f"mean and min-max over {', '.join(map(short_name, averaged))}: {runs} run(s) per point" if averaged
+            else f"{runs} run per point")
+    steps = sorted({r["generator_step"] for r in done if r.get("generator_step") is not None})
+    if steps:
+        note += f"; {'/'.join(map(str, steps))} generator steps"
+    return note
 
 
 def write_plots(rows: list[dict[str, Any]], definition: dict[str, Any], study_name: str, directory: Path) -> list[Path]:
@@ -505,7 +639,7 @@ def write_plots(rows: list[dict[str, Any]], definition: dict[str, Any], study_na
     averaged = set(definition["average_over"])
     x_key = next(k for k in definition["grid"] if k not in averaged)
     values = definition["grid"][x_key]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    numeric = is_numeric(values)
     paths = []
     for metric in PLOTTED_METRICS:
         series = plot_series(rows, definition, metric)
@@ -516,13 +650,14 @@ def write_plots(rows: list[dict[str, Any]], definition: dict[str, Any], study_na
             xs = [p[0] if numeric else values.index(p[0]) for p in points]
             means = [p[1] for p in points]
             errors = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-            ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label or None)
+            # Categories (aux modes, bands) are not a continuum: markers only, no line between them.
+            ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=label or None,
+                        linestyle="-" if numeric else "none")
         if not numeric:
             ax.set_xticks(range(len(values)), [str(v) for v in values])
         ax.set_xlabel(short_name(x_key))
         ax.set_ylabel(metric)
-        suffix = f" (mean, min-max over {', '.join(map(short_name, averaged))})" if averaged else ""
-        ax.set_title(f"{study_name}: {metric}{suffix}", fontsize=9)
+        ax.set_title(f"{study_name}: {metric}\n({plot_note(rows, definition, metric)})", fontsize=9)
         ax.grid(alpha=0.3)
         if any(series):  # labels exist only when a second swept key splits the points into series
             ax.legend(fontsize=7)
@@ -535,11 +670,15 @@ def write_plots(rows: list[dict[str, Any]], definition: dict[str, Any], study_na
 
 
 def summarize(storage, study_name: str, plot_dir: str | Path | None = None, log=print) -> list[Path]:
-    """Print the table of every trial and write the plots; returns the PNG paths."""
+    """Print the table of every trial, write it to ``STUDY_summary.md`` and write the plots; returns the PNG paths."""
     study, definition = load_study(storage, study_name)
     rows = summary_rows(study, definition)
     log(format_summary(rows, definition))
     directory = Path(plot_dir) if plot_dir is not None else Path(definition["out"]) / study_name
+    directory.mkdir(parents=True, exist_ok=True)
+    table = directory / f"{study_name}_summary.md"
+    table.write_text(format_summary(rows, definition) + "\n")
+    log(f"table: {table}")
     paths = write_plots(rows, definition, study_name, directory)
     if paths:
         log("plots: " + ", ".join(str(p) for p in paths))
@@ -561,6 +700,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="a RUNNING trial without a heartbeat for this long is failed and re-queued "
                             "(default: 3 x heartbeat)")
         p.add_argument("--max-retries", type=int, default=None, help="re-runs of a failed grid point (default 2)")
+        p.add_argument("--until", default=None,
+                       help="start a trial only if it is expected to end by then: HH:MM[:SS] today (local time; "
+                            "across midnight give an ISO date-time such as 2026-03-05T01:00) (expected: the study's "
+                            "longest finished trial, else --trial-estimate-s)")
+        p.add_argument("--trial-estimate-s", type=float, default=None,
+                       help="expected seconds of a trial before any has finished (for --until)")
 
     run = sub.add_parser("run", help="create (or resume) a sweep and run its trials")
     run.add_argument("spec", nargs="?", help="sweep spec YAML (a `sweep:` section)")
@@ -580,10 +725,10 @@ def _parser() -> argparse.ArgumentParser:
     storage_args(worker)
     worker.add_argument("--max-trials", type=int, default=None)
 
-    summary = sub.add_parser("summary", help="print the table of a sweep and write one PNG per metric")
+    summary = sub.add_parser("summary", help="print the table of a sweep, write it (Markdown) and one PNG per metric")
     summary.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///runs/sweeps/sweeps.db)")
     summary.add_argument("--study", required=True)
-    summary.add_argument("--plots", default=None, help="folder of the PNGs (default: OUT/STUDY)")
+    summary.add_argument("--plots", default=None, help="folder of the table and the PNGs (default: OUT/STUDY)")
     return parser
 
 
@@ -595,6 +740,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         sys.stderr.write(f"dimo sweep: error: {err}\n")
         return 2
+
+
+def deadline_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``work()``'s deadline keywords from ``--until`` and ``--trial-estimate-s``."""
+    if args.trial_estimate_s is not None and args.trial_estimate_s < 0:
+        raise ValueError(f"--trial-estimate-s must be >= 0, got {args.trial_estimate_s}")
+    deadline = parse_deadline(args.until) if args.until else None
+    return {"deadline": deadline, "trial_estimate_s": args.trial_estimate_s}
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -609,7 +762,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ValueError("--study is required")
         storage = make_storage(args.storage or default_storage(DEFAULT_OUT), args.heartbeat_s, args.grace_s,
                                max_retries)
-        work(storage, args.study, max_retries, args.max_trials)
+        work(storage, args.study, max_retries, args.max_trials, **deadline_args(args))
         return 0
     study_name = args.study or spec.get("study")
     if not study_name:
@@ -634,15 +787,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else int(spec.get("workers", 1))
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    deadline = deadline_args(args)  # a bad --until fails here, before any worker starts
     points = len(grid_points(definition))
     print(f"[sweep {study_name}] {points} grid point(s), {workers} worker(s), storage {storage_url}, "
           f"runs under {definition['out']}/{study_name}")
     del study
     if workers == 1:
-        work(storage, study_name, max_retries, args.max_trials)
+        work(storage, study_name, max_retries, args.max_trials, **deadline)
     else:
         devices = [d for d in args.devices.split(",") if d]
-        codes = spawn_workers(workers, storage_url, study_name, args.heartbeat_s, args.grace_s, max_retries, devices)
+        codes = spawn_workers(workers, storage_url, study_name, args.heartbeat_s, args.grace_s, max_retries, devices,
+                              args.until, args.trial_estimate_s)
         if any(codes):
             raise ValueError(f"worker exit codes {codes}")
     summarize(storage, study_name)

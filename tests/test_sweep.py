@@ -4,6 +4,7 @@ command for the process-level checks: a killed worker's trial is re-queued, seve
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,7 +34,9 @@ def tiny_fit_config(tmp_path: Path) -> Path:
             "accelerator": "cpu", "devices": 1, "max_epochs": -1, "enable_progress_bar": False,
             "enable_model_summary": False, "enable_checkpointing": False, "num_sanity_val_steps": 0,
             "callbacks": [{"class_path": "dimo_lightning.callbacks.report.EvaluationReport",
-                           "init_args": {"num_samples": 20, "teacher_steps": [], "batch_size": 20}}],
+                           "init_args": {"num_samples": 20, "teacher_steps": [], "batch_size": 20}},
+                          {"class_path": "dimo_lightning.callbacks.consistency.ConsistencyMonitor",
+                           "init_args": {"every_n_generator_steps": 1, "num_samples": 8, "band_edges": [0, 0.5, 1]}}],
         },
         "model": {"class_path": "dimo_lightning.module.DiMOModule", "init_args": {
             "teacher": {"class_path": "dimo_lightning.teachers.mnist.MNISTTeacher",
@@ -140,6 +143,8 @@ def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
         assert trial.user_attrs["generator_step"] == 2
         hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
         assert hparams["r_init"] == trial.params["model.init_args.r_init"]  # the override reached the module
+        kl = {k: v for k, v in trial.user_attrs.items() if k.startswith("consistency_kl/")}
+        assert "consistency_kl/all" in kl and all(v >= 0 for v in kl.values())  # the run's last diagnostic
     finished = {t.number: t.datetime_complete for t in trials}
     capsys.readouterr()
 
@@ -147,8 +152,9 @@ def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
     again = optuna.load_study(study_name="tiny", storage=storage).get_trials()
     assert {t.number: t.datetime_complete for t in again} == finished
     printed = capsys.readouterr().out
-    assert "| trial | r_init | FID | recall | precision | accuracy | KID | state |" in printed
+    assert "| trial | r_init | FID | recall | precision | accuracy | KID |" in printed and "KL all | state |" in printed
     assert printed.count("| COMPLETE |") == 2
+    assert (out / "tiny" / "tiny_summary.md").read_text().count("| COMPLETE |") == 2
     for metric in sweep.PLOTTED_METRICS:
         png = out / "tiny" / f"tiny_{metric}.png"
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
@@ -262,3 +268,103 @@ def test_plot_series_average_seeds_and_split_series(tmp_path):
     header = "| trial | band | aux_mode | seed | FID | recall | precision | accuracy | KID | state |"
     assert table.splitlines()[0] == header
     assert "| 99 | [0.0, 0.3] | full | 0 | 1000.000 |" in table
+
+
+def test_deadline_starts_only_trials_that_fit(tmp_path, capsys):
+    """--until: no trial starts when the expected duration (--trial-estimate-s before any finished, then the
+    study's longest finished trial) would pass the deadline; the same command later resumes the grid."""
+    import datetime as dt
+
+    import optuna
+
+    spec = fake_spec(tmp_path, [0.0, 1.0, 2.0])
+    in_an_hour = (dt.datetime.now() + dt.timedelta(hours=1)).isoformat(timespec="seconds")
+    assert sweep.main(["run", str(spec), "--until", in_an_hour, "--trial-estimate-s", "7200"]) == 0
+    printed = capsys.readouterr().out
+    assert "stopping before the deadline" in printed and "3 grid point(s) left" in printed
+    storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
+    assert optuna.load_study(study_name="fake", storage=storage).get_trials() == []
+
+    assert sweep.main(["run", str(spec), "--max-trials", "1"]) == 0  # one finished trial: now the estimate
+    # A finished trial took well under an hour, so the too-long fallback no longer blocks: the rest runs.
+    assert sweep.main(["run", str(spec), "--until", in_an_hour, "--trial-estimate-s", "7200"]) == 0
+    trials = optuna.load_study(study_name="fake", storage=storage).get_trials()
+    assert sorted(t.params["model.init_args.r_init"] for t in trials if t.state.name == "COMPLETE") == [0.0, 1.0, 2.0]
+    assert all(t.user_attrs["seconds"] < 3600 for t in trials)
+
+    capsys.readouterr()
+    past = (dt.datetime.now() - dt.timedelta(minutes=1)).strftime("%H:%M:%S")
+    (tmp_path / "other").mkdir()
+    spec_2 = fake_spec(tmp_path / "other", [0.0])
+    assert sweep.main(["run", str(spec_2), "--until", past]) == 0  # a deadline already past: nothing starts
+    assert "stopping before the deadline" in capsys.readouterr().out
+    assert sweep.main(["run", str(spec_2), "--until", "5pm"]) == 2
+    assert "--until expects HH:MM" in capsys.readouterr().err
+
+
+def test_parse_deadline():
+    import datetime as dt
+
+    noon = dt.datetime(2026, 3, 4, 12, 0).timestamp()
+    assert sweep.parse_deadline("17:20", now=noon) == dt.datetime(2026, 3, 4, 17, 20).timestamp()
+    assert sweep.parse_deadline("09:05:30", now=noon) == dt.datetime(2026, 3, 4, 9, 5, 30).timestamp()
+    assert sweep.parse_deadline("2026-03-05T01:00", now=noon) == dt.datetime(2026, 3, 5, 1, 0).timestamp()
+    with pytest.raises(ValueError, match="--until"):
+        sweep.parse_deadline("tomorrow")
+
+
+def test_consistency_kl_is_read_from_tensorboard_and_tabled(tmp_path):
+    """The last train/consistency_kl/* scalar of every band (any event file of the run) becomes a KL column."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for part, rows in (("a", [(50, 0.30, 0.10), (100, 0.20, 0.05)]), ("b", [(150, 0.25, 0.07)])):
+        writer = SummaryWriter(str(tmp_path / "run" / part))
+        for step, high, low in rows:
+            writer.add_scalar("train/consistency_kl/0.5-1", high, step)
+            writer.add_scalar("train/consistency_kl/0-0.5", low, step)
+            writer.add_scalar("train/consistency_kl/all", (high + low) / 2, step)
+            writer.add_scalar("train/loss", 1.0, step)
+        writer.close()
+    kl = sweep.read_consistency_kl(tmp_path / "run")
+    assert kl == pytest.approx({"0-0.5": 0.07, "0.5-1": 0.25, "all": 0.16})  # step 150 is the latest
+    assert sweep.read_consistency_kl(tmp_path / "nothing") == {}
+
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    definition = sweep.build_definition([str(config)], [], {"m.r": [0.1, 0.2]})
+    rows = [{"trial": 0, "state": "COMPLETE", "m.r": 0.1, "fid": 5.0, "recall": 0.5, "precision": 0.5,
+             "accuracy": 0.9, "kid": 0.1, "consistency_kl": kl, "log_dir": ""},
+            {"trial": 1, "state": "FAIL", "m.r": 0.2, "fid": math.nan, "recall": math.nan, "precision": math.nan,
+             "accuracy": math.nan, "kid": math.nan, "consistency_kl": {}, "log_dir": ""}]
+    table = sweep.format_summary(rows, definition).splitlines()
+    assert table[0].endswith("| KID | KL 0-0.5 | KL 0.5-1 | KL all | state |")
+    assert table[2].endswith("| 0.1000 | 0.0700 | 0.2500 | 0.1600 | COMPLETE |")
+    assert table[3].endswith("| - | - | - | - | FAIL |")
+
+
+def test_trials_run_in_grid_order_seeds_outermost(tmp_path):
+    """A sweep stopped early has run every swept value at its first seed, in the order the values are listed."""
+    import optuna
+
+    spec = fake_spec(tmp_path, [1.0, 0.0, 0.5], average_over=["seed_everything"])
+    document = yaml.safe_load(spec.read_text())
+    document["sweep"]["grid"]["seed_everything"] = [7, 8]
+    spec.write_text(yaml.safe_dump(document))
+    definition = sweep.build_definition(
+        [str(tmp_path / "base.yaml")], [], document["sweep"]["grid"], average_over=["seed_everything"])
+    assert [(p["model.init_args.r_init"], p["seed_everything"]) for p in sweep.traversal_order(definition)] == [
+        (1.0, 7), (0.0, 7), (0.5, 7), (1.0, 8), (0.0, 8), (0.5, 8)]
+
+    assert sweep.main(["run", str(spec), "--max-trials", "4"]) == 0
+    storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
+    trials = sorted(optuna.load_study(study_name="fake", storage=storage).get_trials(), key=lambda t: t.number)
+    assert [(t.params["model.init_args.r_init"], t.params["seed_everything"], t.state.name) for t in trials] == [
+        (1.0, 7, "COMPLETE"), (0.0, 7, "COMPLETE"), (0.5, 7, "COMPLETE"), (1.0, 8, "COMPLETE")]
+    # The plot's numeric axis runs left to right whatever the run order: FID = 10 + r_init (FAKE_FIT).
+    study, stored = sweep.load_study(storage, "fake")
+    table_order = [(r["model.init_args.r_init"], r["seed_everything"]) for r in sweep.summary_rows(study, stored)]
+    assert table_order == [(0.0, 7), (0.5, 7), (1.0, 7), (1.0, 8)]  # the table sorts numbers by value too
+    series = sweep.plot_series(sweep.summary_rows(study, stored), stored, "fid")
+    assert series == {"": [(0.0, 10.0, 10.0, 10.0), (0.5, 10.5, 10.5, 10.5), (1.0, 11.0, 11.0, 11.0)]}
+    assert sweep.plot_note(sweep.summary_rows(study, stored), stored, "fid") == (
+        "mean and min-max over seed_everything: 1-2 run(s) per point; 2 generator steps")
