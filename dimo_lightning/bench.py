@@ -565,8 +565,8 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
         counted = f"{base.host_syncs} host syncs in one iteration (torch.cuda sync debug mode); " if (
             base.host_syncs is not None) else "host syncs are counted on CUDA only; "
         row("host_syncs", "syncs in the step", "no syncs in the step", None, None, "s/iteration", status="pending",
-            note=counted + "the sync-free training step is separate work (issue 12 item 2): re-run the bench on a "
-                 "tree that has it")
+            note=counted + "the training step reads one host value per optimizer step (the NaN/overflow skip "
+                 "decision); run the bench on a GPU to count them")
     if "compile" not in skip_levers:
         log("lever: torch.compile of student, aux and teacher (compilation takes a while) ...")
         eager = setup.fit([])  # right before the compiled run: the two see about the same machine load

@@ -55,9 +55,13 @@ def main(argv: list[str] | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+    # Label each curve by its folder name, or by the whole path when two runs share a name (version_0, ...).
+    names = [run.name for run in args.runs]
+    unique = len(set(names)) == len(names)
     for run in args.runs:
         points = read_curve(run, args.metric)
-        axis.plot([s / 60 for s, _ in points], [v for _, v in points], marker="o", label=run.as_posix())
+        axis.plot([s / 60 for s, _ in points], [v for _, v in points], marker="o",
+                  label=run.name if unique else run.as_posix())
     if args.teacher_fid is not None:
         axis.axhline(args.teacher_fid, color="black", linestyle="--", label=f"teacher best {args.teacher_fid:g}")
         target = args.teacher_fid * args.target_factor
