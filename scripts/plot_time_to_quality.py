@@ -22,7 +22,9 @@ def read_curve(source: Path, metric: str = "fid") -> list[tuple[float, float]]:
             rows = list(csv.DictReader(handle))
         if rows and metric not in rows[0]:
             raise SystemExit(f"{csv_path} has no column {metric!r} (columns: {', '.join(rows[0])})")
-        return sorted((float(r["seconds"]), float(r[metric])) for r in rows)
+        # The CSV rounds seconds to 0.1 s: evaluations that close together keep their step order (not their value's).
+        rows.sort(key=lambda r: (float(r["seconds"]), int(float(r.get("generator_step") or 0))))
+        return [(float(r["seconds"]), float(r[metric])) for r in rows]
     if not source.is_dir():
         raise SystemExit(f"not a run directory or CSV file: {source}")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
