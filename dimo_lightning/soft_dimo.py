@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from dimo_lightning.teacher_sampling import coerce_settings
 
 FAKE_INPUTS = ("soft", "straight_through")
 
@@ -85,16 +87,7 @@ class GANSettings:
     @classmethod
     def coerce(cls, value: GANSettings | Mapping[str, Any] | None) -> GANSettings:
         """Accept the dataclass, a plain dict (a checkpoint's hyperparameters) or None (off)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {f.name for f in fields(cls)})
-            if unknown:
-                raise ValueError(f"unknown gan keys: {', '.join(unknown)}")
-            return cls(**value)
-        raise ValueError(f"gan must be a mapping of settings, got {type(value).__name__}")
+        return coerce_settings(cls, value, "gan")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

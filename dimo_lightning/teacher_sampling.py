@@ -14,6 +14,20 @@ from typing import Any
 from dimo_lightning.sampling import DECODE_SCHEDULES
 
 
+def coerce_settings(cls: type, value: Any, name: str) -> Any:
+    """A settings dataclass from itself, a plain mapping (a checkpoint's hyperparameters) or None (its defaults);
+    unknown keys and other types are errors naming the ``name`` argument."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {name} keys: {', '.join(unknown)}")
+        return cls(**value)
+    raise ValueError(f"{name} must be a mapping of settings, got {type(value).__name__}")
+
 @dataclass
 class TeacherSampling:
     """MaskGIT decoding of the teacher (see :func:`dimo_lightning.sampling.maskgit_decode`).
@@ -55,16 +69,7 @@ class TeacherSampling:
     @classmethod
     def coerce(cls, value: TeacherSampling | Mapping[str, Any] | None) -> TeacherSampling:
         """Accept the dataclass, a plain dict (from a checkpoint's hyperparameters) or None (defaults)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {f.name for f in fields(cls)})
-            if unknown:
-                raise ValueError(f"unknown teacher_sampling keys: {', '.join(unknown)}")
-            return cls(**value)
-        raise ValueError(f"teacher_sampling must be a mapping of settings, got {type(value).__name__}")
+        return coerce_settings(cls, value, "teacher_sampling")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
