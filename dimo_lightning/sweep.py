@@ -253,7 +253,11 @@ def point_key(params: dict[str, Any]) -> str:
 
 
 def trial_point(trial, definition: dict[str, Any]) -> str | None:
-    """The grid point of a trial (its params), or None before the trial drew them."""
+    """The grid point of a trial: the point it was queued with (``enqueue_trial`` stores it at creation, and a
+    retry keeps it), else its params; None for a trial that has neither."""
+    fixed = trial.system_attrs.get("fixed_params")
+    if fixed and set(fixed) == set(definition["grid"]):
+        return point_key(fixed)
     if trial.params and set(trial.params) == set(definition["grid"]):
         return point_key(trial.params)
     return None
@@ -383,11 +387,19 @@ def make_objective(study_name: str, definition: dict[str, Any]):
     run_root = Path(definition["out"])
 
     def objective(trial) -> float:
+        # Claiming a grid point without a race: every trial a worker runs was queued with its point, and the
+        # point is stored with the trial when the trial is created, so of two workers that queued the same point at
+        # the same moment the one whose trial has the higher number always sees the other and stands down. Checking
+        # params after suggesting them is not enough: a trial that has not suggested yet is invisible.
+        trials = trial.study.get_trials(deepcopy=False)
+        mine = trial_point(next(t for t in trials if t.number == trial.number), definition)
+        if mine is None:  # the queued trial was taken by another worker and Optuna made a fresh one: leave it
+            raise optuna.TrialPruned("no queued grid point for this trial (another worker took it)")
+        busy = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+        for other in trials:
+            if other.number < trial.number and other.state in busy and trial_point(other, definition) == mine:
+                raise optuna.TrialPruned(f"grid point {mine} is already taken by trial {other.number}")
         params = {key: trial.suggest_categorical(key, choices) for key, choices in definition["grid"].items()}
-        # Two workers can pick the same point at once (GridSampler documents the race): the earliest trial runs.
-        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-            if other.number < trial.number and other.params == params:
-                raise optuna.TrialPruned(f"grid point {params} is already run by trial {other.number}")
         version = f"trial_{trial.number:04d}"
         log_dir = run_root / study_name / version
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -368,3 +368,28 @@ def test_trials_run_in_grid_order_seeds_outermost(tmp_path):
     assert series == {"": [(0.0, 10.0, 10.0, 10.0), (0.5, 10.5, 10.5, 10.5), (1.0, 11.0, 11.0, 11.0)]}
     assert sweep.plot_note(sweep.summary_rows(study, stored), stored, "fid") == (
         "mean and min-max over seed_everything: 1-2 run(s) per point; 2 generator steps")
+
+
+def test_a_point_queued_twice_runs_once_even_before_the_first_trial_suggests(tmp_path):
+    """The race two workers hit: both queue the same grid point at the same moment, and the higher-numbered trial
+    starts while the other is RUNNING but has not suggested its params yet. It must stand down (PRUNED), and a
+    fresh trial that Optuna creates when the queue is empty must not run a point of its own choosing."""
+    import optuna
+
+    spec = fake_spec(tmp_path, [0.0, 1.0])
+    spec_section = yaml.safe_load(spec.read_text())["sweep"]
+    definition = sweep.build_definition([str(tmp_path / "base.yaml")], [], spec_section["grid"],
+                                        out=spec_section["out"], command=spec_section["command"])
+    storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
+    study = sweep.create_or_load_study(storage, "fake", definition)
+    point = {"model.init_args.r_init": 0.0}
+    study.enqueue_trial(point)
+    study.enqueue_trial(point)
+    first = study.ask()  # worker A took trial 0: RUNNING, no params yet
+    assert first.number == 0 and not first.params
+    objective = sweep.make_objective("fake", definition)
+    study.optimize(objective, n_trials=1)  # worker B runs trial 1 with the same point
+    study.optimize(objective, n_trials=1)  # the queue is empty: Optuna creates trial 2 with no queued point
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {0: "RUNNING", 1: "PRUNED", 2: "PRUNED"}
+    assert not (tmp_path / "runs" / "fake" / "trial_0001").exists()
