@@ -374,7 +374,6 @@ def test_a_point_queued_twice_runs_once_even_before_the_first_trial_suggests(tmp
     """The race two workers hit: both queue the same grid point at the same moment, and the higher-numbered trial
     starts while the other is RUNNING but has not suggested its params yet. It must stand down (PRUNED), and a
     fresh trial that Optuna creates when the queue is empty must not run a point of its own choosing."""
-    import optuna
 
     spec = fake_spec(tmp_path, [0.0, 1.0])
     spec_section = yaml.safe_load(spec.read_text())["sweep"]
