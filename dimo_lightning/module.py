@@ -41,7 +41,8 @@ from dimo_lightning.masking import (
     sample_mask_ratio,
     sigma_at,
 )
-from dimo_lightning.objectives.gan import TeacherDiscriminator
+from dimo_lightning.objectives.coverage import conditional_energy_distance, group_ids, trunk_features
+from dimo_lightning.objectives.gan import TeacherDiscriminator, default_head_layers
 from dimo_lightning.sampling import sample_tokens
 from dimo_lightning.soft_dimo import (
     GANSettings,
@@ -241,6 +242,7 @@ class DiMOModule(pl.LightningModule):
         self.scheduler_disc = scheduler_disc
         self.disc_step = 0
         self.discriminator = self._build_discriminator(teacher)
+        self.coverage_layers = self._coverage_layers(teacher)
 
     def _validate(self) -> None:
         hp = self.hparams
@@ -424,14 +426,16 @@ class DiMOModule(pl.LightningModule):
         sigma = self.current_sigma()
         logs: dict[str, Any] = {"train/r_init": r_init, "train/sigma": sigma}
 
+        real_parts = self._real_parts(real_codes, micro_conds) if self.gan.needs_real_data else None
         reuse: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if self.iteration % hp.aux_rounds == 0:
-            reuse, gen_logs = self._generator_update(opt_g, sch_g, micro_conds, r_init, sigma, generator)
+            reuse, gen_logs = self._generator_update(opt_g, sch_g, micro_conds, r_init, sigma, generator,
+                                                     real_parts)
             logs.update(gen_logs)
         if hp.aux_mode == "full":  # aux_mode none: no aux forward, no aux step
             logs.update(self._aux_update(opt_a, sch_a, micro_conds, reuse, r_init, sigma, generator))
         if self.discriminator is not None:
-            logs.update(self._disc_update(opt_rest[0], sch_d, micro_conds, real_codes, reuse, r_init, sigma,
+            logs.update(self._disc_update(opt_rest[0], sch_d, micro_conds, real_parts, reuse, r_init, sigma,
                                           generator))
         logs["train/generator_step"] = float(self.generator_step)
         logs["train/skipped_steps"] = float(self.skipped_steps)
@@ -442,13 +446,14 @@ class DiMOModule(pl.LightningModule):
         self.log_dict(shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch_size)
 
-    def _generator_update(self, opt_g, sch_g, micro_conds, r_init, sigma, generator):
+    def _generator_update(self, opt_g, sch_g, micro_conds, r_init, sigma, generator, real_parts=None):
         hp = self.hparams
         t = self.teacher
         parts = len(micro_conds)
         samples = []
         loss_total = torch.zeros((), device=self.device)
         gan_total = torch.zeros((), device=self.device)
+        coverage_total = torch.zeros((), device=self.device)
         kept_rows = torch.zeros((), device=self.device)
         gan_weight = self.gan.weight_at(self.generator_step) if self.discriminator is not None else 0.0
         for i, cond in enumerate(micro_conds):
@@ -490,6 +495,10 @@ class DiMOModule(pl.LightningModule):
                     gan_term = gan_weight * self._gan_generator_loss(z, x, cond, valid, generator)
                     gan_total += gan_term.detach() / parts
                     loss = loss + gan_term
+                if self.gan.coverage_weight > 0:  # the energy distance to the real codes, per class
+                    coverage_loss, coverage_value = self._coverage_loss(z, x, cond, valid, real_parts[i])
+                    coverage_total += coverage_value / parts
+                    loss = loss + self.gan.coverage_weight * coverage_loss
                 self.manual_backward(loss / parts)
             samples.append((x, z.detach()))
             loss_total += loss.detach() / parts
@@ -507,6 +516,8 @@ class DiMOModule(pl.LightningModule):
         if self.discriminator is not None:
             logs["train/loss_gan"] = gan_total / max(gan_weight, 1e-12)  # L_gan itself, without its weight
             logs["train/gan_weight"] = gan_weight
+        if self.gan.coverage_weight > 0:
+            logs["train/coverage_energy"] = coverage_total  # ~0 when the student's and the real sets agree
         return samples, logs
 
     def _aux_update(self, opt_a, sch_a, micro_conds, reuse, r_init, sigma, generator):
@@ -568,6 +579,22 @@ class DiMOModule(pl.LightningModule):
                 mask_augment=self.gan.mask_augment, max_mask_ratio=self.gan.max_mask_ratio,
             )
 
+    def _coverage_layers(self, teacher: MaskedTeacher) -> tuple[int, ...]:
+        """The trunk layers of the coverage term's features (empty when it is off)."""
+        if self.gan.coverage_weight <= 0:
+            return ()
+        trunk = teacher.network
+        if not callable(getattr(trunk, "forward_features", None)):
+            raise ValueError(
+                f"gan.coverage_weight > 0 needs a teacher network with forward_features (a MaskTransformer); "
+                f"{type(teacher).__name__}'s network is a {type(trunk).__name__}"
+            )
+        if self.gan.coverage_layers:
+            return tuple(self.gan.coverage_layers)
+        if self.discriminator is not None:
+            return self.discriminator.layers
+        return default_head_layers(len(trunk.transformer.layers), self.gan.num_layers)
+
     def _schedulers(self) -> tuple[Any, Any, Any]:
         """(student, aux, discriminator) schedulers, None where not configured."""
         schedulers = self.lr_schedulers()
@@ -599,19 +626,43 @@ class DiMOModule(pl.LightningModule):
             return self.discriminator.generator_loss(self.teacher.network, z, cond, generator, row_weight=valid,
                                                      tokens=tokens)
 
-    def _disc_update(self, opt_d, sch_d, micro_conds, real_codes, reuse, r_init, sigma, generator):
-        """One discriminator step: real codes of the batch vs the student's (detached) logits of this iteration's
-        generator step (a fresh no-grad student forward when the generator did not step)."""
-        hp = self.hparams
+    def _real_parts(self, real_codes: torch.Tensor | None, micro_conds: list[Any]) -> tuple[torch.Tensor, ...]:
+        """The batch's real codes (B, N), on the device, split like the conditions into micro-batches."""
         if real_codes is None:
+            flag = "gan.weight > 0" if self.gan.enabled else "gan.coverage_weight > 0"
             raise ValueError(
-                "gan.weight > 0 trains a discriminator on real data: the batches must be (labels, real codes), e.g. "
+                f"{flag} trains on real data: the batches must be (labels, real codes), e.g. "
                 "--data dimo_lightning.data.real_codes.RealCodesDataModule"
             )
         parts = len(micro_conds)
         real_parts = real_codes.to(self.device).chunk(parts)
         if [len(r) for r in real_parts] != [self.teacher.condition_batch_size(c) for c in micro_conds]:
             raise ValueError(f"real codes batch of {len(real_codes)} rows does not match its {parts} micro-batches")
+        return real_parts
+
+    def _coverage_loss(self, z: torch.Tensor, x: torch.Tensor, cond: Any, valid: torch.Tensor,
+                       real_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(differentiable energy-distance loss, its full detached estimate) of student logits z (B, N, V) against
+        the micro-batch's real codes (B, N) of the same conditions; rows not ``valid`` are left out."""
+        trunk = self.teacher.network
+        keep = valid.bool()
+        tokens = x if self.gan.coverage_input == "straight_through" else None
+        groups = group_ids(cond, z.shape[0])
+        fake_cond = cond[keep] if groups is not None else cond
+        with self._trunk_in_eval():
+            fake = TeacherDiscriminator.student_embeddings(trunk, z[keep], tokens[keep] if tokens is not None else None)
+            fake_features = trunk_features(trunk, fake, fake_cond, self.coverage_layers)
+            with torch.no_grad():
+                real_features = trunk_features(trunk, TeacherDiscriminator.real_embeddings(trunk, real_codes), cond,
+                                               self.coverage_layers)
+        return conditional_energy_distance(fake_features, real_features,
+                                           groups[keep] if groups is not None else None, groups)
+
+    def _disc_update(self, opt_d, sch_d, micro_conds, real_parts, reuse, r_init, sigma, generator):
+        """One discriminator step: real codes of the batch vs the student's (detached) logits of this iteration's
+        generator step (a fresh no-grad student forward when the generator did not step)."""
+        hp = self.hparams
+        parts = len(micro_conds)
         totals = {name: torch.zeros((), device=self.device) for name in ("loss", "logit_real", "logit_fake",
                                                                            "accuracy")}
         with self._trunk_in_eval():

@@ -43,6 +43,13 @@ class GANSettings:
             with the soft embedding's gradient (``E[x] + soft - sg(soft)``), so the heads cannot tell fake from
             real by softness (a spread-out softmax gives embeddings off the table's rows); the gradient still
             reaches the student only through the soft path.
+        coverage_weight: weight of the coverage term (:mod:`dimo_lightning.objectives.coverage`): the energy
+            distance, per class, between the student's and the batch's real sequences in the frozen trunk's
+            features, added to the generator loss (0: off). Unlike ``L_gan`` it scores the set of samples, so it
+            rewards the styles a mode-seeking student leaves out. Works with or without the discriminator.
+        coverage_layers: trunk layers of its features (None: the heads' layers, or ``num_layers`` evenly spaced).
+        coverage_input: the student's embeddings it sees: ``soft`` (expected embeddings: their distances measure
+            what the student's *input noise* changes) or ``straight_through`` (as ``fake_input``).
     """
 
     weight: float = 0.0
@@ -55,6 +62,9 @@ class GANSettings:
     max_mask_ratio: float = 0.95
     grad_clip: float = 1.0
     fake_input: Literal["soft", "straight_through"] = "soft"
+    coverage_weight: float = 0.0
+    coverage_layers: list[int] | None = None
+    coverage_input: Literal["soft", "straight_through"] = "soft"
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -73,10 +83,21 @@ class GANSettings:
             raise ValueError(f"gan.grad_clip must be >= 0, got {self.grad_clip}")
         if self.fake_input not in FAKE_INPUTS:
             raise ValueError(f"gan.fake_input must be one of {', '.join(FAKE_INPUTS)}, got {self.fake_input!r}")
+        if self.coverage_weight < 0:
+            raise ValueError(f"gan.coverage_weight must be >= 0, got {self.coverage_weight}")
+        if self.coverage_input not in FAKE_INPUTS:
+            raise ValueError(
+                f"gan.coverage_input must be one of {', '.join(FAKE_INPUTS)}, got {self.coverage_input!r}")
 
     @property
     def enabled(self) -> bool:
+        """The discriminator (and its optimizer) exist."""
         return self.weight > 0
+
+    @property
+    def needs_real_data(self) -> bool:
+        """Batches must carry real codes: the discriminator or the coverage term is on."""
+        return self.weight > 0 or self.coverage_weight > 0
 
     def weight_at(self, generator_step: int) -> float:
         """w_gan at ``generator_step`` (the linear warm-up, then ``weight``)."""

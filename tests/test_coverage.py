@@ -1,0 +1,139 @@
+"""The coverage term of the GAN stage: the per-class energy distance to real data in the frozen trunk's features."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from dimo_lightning.objectives.coverage import conditional_energy_distance, group_ids, trunk_features
+from dimo_lightning.soft_dimo import GANSettings
+from test_soft_dimo import codes_file, make_module, make_trainer, real_data
+
+torch.set_num_threads(1)
+
+
+def reference_energy_distance(fake, real, fake_groups, real_groups):
+    """Plain loops over distinct pairs, group by group: the estimator the vectorised code must equal."""
+    values = []
+    for g in sorted(set(fake_groups.tolist()) | set(real_groups.tolist())):
+        f = [x for x, k in zip(fake, fake_groups.tolist(), strict=True) if k == g]
+        r = [x for x, k in zip(real, real_groups.tolist(), strict=True) if k == g]
+        if len(f) < 2 or len(r) < 2:
+            continue
+        cross = sum(float((a - b).norm()) for a in f for b in r) / (len(f) * len(r))
+        ff = sum(float((a - b).norm()) for a, b in itertools.permutations(f, 2)) / (len(f) * (len(f) - 1))
+        rr = sum(float((a - b).norm()) for a, b in itertools.permutations(r, 2)) / (len(r) * (len(r) - 1))
+        values.append((2 * cross - ff, 2 * cross - ff - rr))
+    return sum(v[0] for v in values) / len(values), sum(v[1] for v in values) / len(values)
+
+
+def test_energy_distance_matches_pairwise_loops_and_vanishes_on_one_distribution() -> None:
+    generator = torch.Generator().manual_seed(0)
+    fake = torch.randn(13, 5, generator=generator, dtype=torch.float64)
+    real = torch.randn(11, 5, generator=generator, dtype=torch.float64) + 0.7
+    fake_groups = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 0, 1, 5])  # group 3 and 5: one fake row, left out
+    real_groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    loss, value = conditional_energy_distance(fake, real, fake_groups, real_groups)
+    want_loss, want_value = reference_energy_distance(fake, real, fake_groups, real_groups)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-9) and float(value) == pytest.approx(want_value, rel=1e-9)
+    # one group (no ids): the plain energy distance
+    loss, value = conditional_energy_distance(fake, real)
+    ones_f, ones_r = torch.zeros(13, dtype=torch.long), torch.zeros(11, dtype=torch.long)
+    assert float(value) == pytest.approx(reference_energy_distance(fake, real, ones_f, ones_r)[1], rel=1e-9)
+    # two large samples of one distribution: ~0; shifted: clearly positive
+    a, b = torch.randn(2, 600, 4, generator=generator, dtype=torch.float64)
+    same = float(conditional_energy_distance(a, b)[1])
+    shifted = float(conditional_energy_distance(a + 1.0, b)[1])
+    assert abs(same) < 0.03 and shifted > 0.5
+
+
+def test_energy_distance_gradient_spreads_a_collapsed_set() -> None:
+    """All fake rows at one point, real rows spread: the gradient moves the fakes apart (the repulsion a per-sample
+    discriminator lacks), and towards the real set; finite where fake rows coincide."""
+    real = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
+    fake = (torch.zeros(4, 2) + torch.tensor([[0.01, 0.0], [-0.01, 0.0], [0.0, 0.01], [0.0, -0.01]])).requires_grad_()
+    loss, _ = conditional_energy_distance(fake, real)
+    (grad,) = torch.autograd.grad(loss, fake)
+    assert torch.isfinite(grad).all()
+    stepped = fake.detach() - 0.1 * grad
+    assert torch.pdist(stepped).mean() > torch.pdist(fake.detach()).mean()
+    collapsed = torch.zeros(3, 2, requires_grad=True)  # identical rows: no NaN
+    (grad,) = torch.autograd.grad(conditional_energy_distance(collapsed, real)[0], collapsed)
+    assert torch.isfinite(grad).all()
+
+
+def test_group_ids_and_bad_shapes() -> None:
+    labels = torch.tensor([3, 1, 3])
+    assert torch.equal(group_ids(labels, 3), labels)
+    assert group_ids(["a digit", "a digit"], 2) is None
+    with pytest.raises(ValueError, match="3 condition labels for 4 rows"):
+        group_ids(labels, 4)
+    with pytest.raises(ValueError, match="features must be"):
+        conditional_energy_distance(torch.zeros(3, 4), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="both the fake and the real"):
+        conditional_energy_distance(torch.zeros(3, 4), torch.zeros(3, 4), labels, None)
+    with pytest.raises(ValueError, match="coverage_weight must be >= 0"):
+        GANSettings(coverage_weight=-1.0)
+    with pytest.raises(ValueError, match="coverage_input must be one of"):
+        GANSettings(coverage_input="hard")
+
+
+def test_trunk_features_have_unit_norm_per_layer(tiny_teacher) -> None:
+    trunk = tiny_teacher.network.eval()
+    codes = torch.randint(0, 16, (5, 49), generator=torch.Generator().manual_seed(1))
+    features = trunk_features(trunk, trunk.tok_emb(codes), torch.arange(5), (0, 1))
+    assert features.shape == (5, 2 * 49 * trunk.hidden_dim)
+    norms = features.view(5, 2, -1).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("gan_weight", [0.0, 1.0])
+def test_coverage_trains_the_student_through_the_soft_path_with_or_without_the_discriminator(
+        tiny_teacher, tmp_path, gan_weight) -> None:
+    settings = GANSettings(weight=gan_weight, head_dim=16, coverage_weight=5.0)
+    module = make_module(tiny_teacher, gan=settings, max_generator_steps=2)
+    assert (module.discriminator is None) == (gan_weight == 0)
+    assert module.coverage_layers == (1,)  # the tiny teacher has one block
+    teacher_before = {k: v.clone() for k, v in tiny_teacher.state_dict().items()}
+    trainer = make_trainer(tmp_path)
+    trainer.fit(module, real_data(codes_file(tmp_path)))
+    assert len(trainer.optimizers) == (3 if gan_weight else 2)
+    assert torch.isfinite(torch.as_tensor(trainer.callback_metrics["train/coverage_energy"]))
+    assert all(torch.equal(v, teacher_before[k]) for k, v in tiny_teacher.state_dict().items())
+
+    # the coverage loss reaches the student's logits (soft path), not the trunk
+    trunk = tiny_teacher.network
+    z = torch.randn(6, 49, 17, requires_grad=True)
+    codes = torch.randint(0, 16, (6, 49))
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    loss, _ = module._coverage_loss(z, z.argmax(-1), labels, torch.ones(6, dtype=torch.bool), codes)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert grad.abs().sum() > 0
+    assert all(p.grad is None for p in trunk.parameters())
+
+
+def test_coverage_without_real_codes_names_the_flag(tiny_teacher, tmp_path) -> None:
+    from dimo_lightning.data.labels import ClassLabelDataModule
+
+    module = make_module(tiny_teacher, gan=GANSettings(weight=0.0, coverage_weight=1.0))
+    with pytest.raises(ValueError, match=r"gan.coverage_weight > 0 trains on real data.*RealCodesDataModule"):
+        make_trainer(tmp_path).fit(module, ClassLabelDataModule(10, 8, 4))
+
+
+def test_exact_resume_with_the_coverage_term(tiny_teacher, tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    settings = GANSettings(weight=1.0, head_dim=16, coverage_weight=2.0)
+    path = codes_file(tmp_path)
+    full = make_module(copy.deepcopy(tiny_teacher), gan=settings, max_generator_steps=4)
+    make_trainer(tmp_path / "full").fit(full, real_data(path))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    make_trainer(tmp_path / "a", [ckpt]).fit(make_module(copy.deepcopy(tiny_teacher), gan=settings,
+                                                         max_generator_steps=2), real_data(path))
+    resumed = make_module(copy.deepcopy(tiny_teacher), gan=settings, max_generator_steps=4)
+    make_trainer(tmp_path / "b").fit(resumed, real_data(path), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    for a, b in zip(full.student.parameters(), resumed.student.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
