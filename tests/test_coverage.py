@@ -7,10 +7,10 @@ import itertools
 
 import pytest
 import torch
+from test_soft_dimo import codes_file, make_module, make_trainer, real_data
 
 from dimo_lightning.objectives.coverage import conditional_energy_distance, group_ids, trunk_features
 from dimo_lightning.soft_dimo import GANSettings
-from test_soft_dimo import codes_file, make_module, make_trainer, real_data
 
 torch.set_num_threads(1)
 
