@@ -24,6 +24,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
@@ -41,7 +42,13 @@ from dimo_lightning.masking import (
     sample_mask_ratio,
     sigma_at,
 )
-from dimo_lightning.objectives.coverage import conditional_energy_distance, group_ids, trunk_features
+from dimo_lightning.objectives.coverage import (
+    RealFeatureBank,
+    bank_rows,
+    conditional_energy_distance,
+    group_ids,
+    trunk_features,
+)
 from dimo_lightning.objectives.gan import TeacherDiscriminator, default_head_layers
 from dimo_lightning.sampling import sample_tokens
 from dimo_lightning.soft_dimo import (
@@ -387,6 +394,7 @@ class DiMOModule(pl.LightningModule):
         check_data_matches_module(self, self.trainer.datamodule)
         check_real_data_matches_teacher(self.trainer.datamodule, self.teacher)
         self._set_teacher_mode()
+        self.real_bank = self._build_real_bank() if self.gan.coverage_bank > 0 else None
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -652,11 +660,34 @@ class DiMOModule(pl.LightningModule):
         with self._trunk_in_eval():
             fake = TeacherDiscriminator.student_embeddings(trunk, z[keep], tokens[keep] if tokens is not None else None)
             fake_features = trunk_features(trunk, fake, fake_cond, self.coverage_layers)
+            fake_groups = groups[keep] if groups is not None else None
+            bank = getattr(self, "real_bank", None)
+            if bank is not None and fake_groups is not None:
+                return conditional_energy_distance(fake_features, bank.features, fake_groups, bank.labels,
+                                                   real_within=bank.within)
             with torch.no_grad():
                 real_features = trunk_features(trunk, TeacherDiscriminator.real_embeddings(trunk, real_codes), cond,
                                                self.coverage_layers)
-        return conditional_energy_distance(fake_features, real_features,
-                                           groups[keep] if groups is not None else None, groups)
+        return conditional_energy_distance(fake_features, real_features, fake_groups, groups)
+
+    def _build_real_bank(self) -> RealFeatureBank:
+        """The coverage term's real bank (``gan.coverage_bank``): trunk features of that many real sequences of the
+        DataModule's codes, drawn with the module's seed (the same bank on every rank and after a resume)."""
+        import numpy as np
+
+        datamodule = self.trainer.datamodule
+        if not callable(getattr(datamodule, "load", None)):
+            raise ValueError("gan.coverage_bank > 0 needs a RealCodesDataModule (its codes fill the bank)")
+        data = datamodule.load()
+        rows = bank_rows(len(data), self.gan.coverage_bank, self.seed + 2_003).numpy()
+        codes = torch.as_tensor(np.asarray(data.codes[rows]))
+        labels = torch.as_tensor(np.asarray(data.labels[rows])).long()
+        num_classes = int(getattr(self.teacher, "num_classes", int(labels.max()) + 1))
+        with self._trunk_in_eval():
+            bank = RealFeatureBank.build(self.teacher.network, codes, labels, self.coverage_layers, num_classes)
+        megabytes = bank.features.numel() * bank.features.element_size() / 2**20
+        rank_zero_info(f"coverage bank: {len(rows)} real sequences, {megabytes:.0f} MB of features")
+        return bank
 
     def _disc_update(self, opt_d, sch_d, micro_conds, real_parts, reuse, r_init, sigma, generator):
         """One discriminator step: real codes of the batch vs the student's (detached) logits of this iteration's

@@ -48,6 +48,9 @@ class GANSettings:
             features, added to the generator loss (0: off). Unlike ``L_gan`` it scores the set of samples, so it
             rewards the styles a mode-seeking student leaves out. Works with or without the discriminator.
         coverage_layers: trunk layers of its features (None: the heads' layers, or ``num_layers`` evenly spaced).
+        coverage_bank: compare with a fixed bank of this many real sequences (their trunk features computed once
+            at fit start; all of a smaller data set) instead of the batch's real codes: many real samples per class
+            each step. Memory: ``coverage_bank x len(layers) x N x D`` floats. 0: the batch's codes.
         coverage_input: the student's embeddings it sees: ``soft`` (expected embeddings: their distances measure
             what the student's *input noise* changes) or ``straight_through`` (as ``fake_input``).
     """
@@ -65,6 +68,7 @@ class GANSettings:
     coverage_weight: float = 0.0
     coverage_layers: list[int] | None = None
     coverage_input: Literal["soft", "straight_through"] = "soft"
+    coverage_bank: int = 0
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -85,6 +89,8 @@ class GANSettings:
             raise ValueError(f"gan.fake_input must be one of {', '.join(FAKE_INPUTS)}, got {self.fake_input!r}")
         if self.coverage_weight < 0:
             raise ValueError(f"gan.coverage_weight must be >= 0, got {self.coverage_weight}")
+        if self.coverage_bank < 0:
+            raise ValueError(f"gan.coverage_bank must be >= 0 (0: the batch's real codes), got {self.coverage_bank}")
         if self.coverage_input not in FAKE_INPUTS:
             raise ValueError(
                 f"gan.coverage_input must be one of {', '.join(FAKE_INPUTS)}, got {self.coverage_input!r}")

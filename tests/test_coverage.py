@@ -137,3 +137,45 @@ def test_exact_resume_with_the_coverage_term(tiny_teacher, tmp_path) -> None:
     make_trainer(tmp_path / "b").fit(resumed, real_data(path), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     for a, b in zip(full.student.parameters(), resumed.student.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_precomputed_real_within_gives_the_same_estimate() -> None:
+    from dimo_lightning.objectives.coverage import bank_rows, within_group_distances
+
+    generator = torch.Generator().manual_seed(2)
+    fake = torch.randn(9, 6, generator=generator, dtype=torch.float64)
+    real = torch.randn(30, 6, generator=generator, dtype=torch.float64)
+    fake_groups = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3])
+    real_groups = torch.arange(30) % 4
+    within = within_group_distances(real, real_groups, 4)
+    for g in range(4):
+        rows = real[real_groups == g]
+        want = torch.pdist(rows).mean()  # distinct unordered pairs: the same mean as ordered ones
+        assert float(within[g]) == pytest.approx(float(want), rel=1e-6)
+    direct = conditional_energy_distance(fake, real, fake_groups, real_groups)
+    banked = conditional_energy_distance(fake, real, fake_groups, real_groups, real_within=within)
+    assert float(banked[0]) == pytest.approx(float(direct[0]), rel=1e-12)
+    assert float(banked[1]) == pytest.approx(float(direct[1]), rel=1e-6)
+    rows = bank_rows(100, 30, seed=5)
+    assert len(rows) == 30 and len(set(rows.tolist())) == 30 and torch.equal(rows, rows.sort().values)
+    assert torch.equal(bank_rows(10, 30), torch.arange(10))
+    with pytest.raises(ValueError, match="coverage_bank must be >= 1"):
+        bank_rows(10, 0)
+
+
+def test_coverage_bank_holds_real_features_and_trains(tiny_teacher, tmp_path) -> None:
+    settings = GANSettings(weight=0.0, coverage_weight=5.0, coverage_bank=25)
+    module = make_module(tiny_teacher, gan=settings, max_generator_steps=2)
+    data = real_data(codes_file(tmp_path, rows=40))
+    before = copy.deepcopy(module.student.state_dict())
+    make_trainer(tmp_path).fit(module, data)
+    bank = module.real_bank
+    assert bank.features.shape == (25, 49 * tiny_teacher.network.hidden_dim)
+    # the bank's rows are real codes of the data module, with their labels, through the frozen trunk
+    rows = [i for i in range(40) if any(torch.allclose(
+        trunk_features(tiny_teacher.network.eval(), tiny_teacher.network.tok_emb(
+            torch.as_tensor(data.data.codes[i]).reshape(1, -1).long()), torch.tensor([int(data.data.labels[i])]),
+            (1,))[0], f, atol=1e-5) for f in bank.features)]
+    assert len(rows) == 25
+    assert sorted(int(data.data.labels[i]) for i in rows) == sorted(bank.labels.tolist())
+    assert any(not torch.equal(v, module.student.state_dict()[k]) for k, v in before.items())

@@ -60,6 +60,7 @@ def conditional_energy_distance(
     real: torch.Tensor,
     fake_groups: torch.Tensor | None = None,
     real_groups: torch.Tensor | None = None,
+    real_within: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The energy distance between fake and real feature sets, within groups, averaged over the groups.
 
@@ -67,6 +68,9 @@ def conditional_energy_distance(
         fake: (B, F) student features (with grad).
         real: (R, F) real features (no grad needed).
         fake_groups / real_groups: (B,) / (R,) group ids (e.g. class labels); None: one group.
+        real_within: optional (C,) precomputed ``E||r - r'||`` per group id in [0, C) (a fixed real bank's, see
+            :func:`within_group_distances`): then the (R, R) real distances, which the loss does not need, are not
+            computed.
 
     Returns:
         (loss, value): ``loss`` = mean over groups of ``2 E||f - r|| - E||f - f'||`` (the part that depends on the
@@ -96,10 +100,69 @@ def conditional_energy_distance(
     eye_f = torch.eye(fake.shape[0], dtype=fake.dtype, device=fake.device)
     within_fake = group_sum(_distances(fake, fake) * (1 - eye_f), gf, gf) / (nf * (nf - 1)).clamp_min(1)
     with torch.no_grad():
-        eye_r = torch.eye(real.shape[0], dtype=real.dtype, device=real.device)
-        within_real = group_sum(_distances(real, real) * (1 - eye_r), gr, gr) / (nr * (nr - 1)).clamp_min(1)
+        if real_within is not None:
+            present = torch.unique(ids)  # the group id of each column of one_hot, ascending
+            within_real = real_within.to(fake.dtype)[present.long()]
+        else:
+            eye_r = torch.eye(real.shape[0], dtype=real.dtype, device=real.device)
+            within_real = group_sum(_distances(real, real) * (1 - eye_r), gr, gr) / (nr * (nr - 1)).clamp_min(1)
     used = ((nf >= 2) & (nr >= 2)).to(fake.dtype)
     count = used.sum().clamp_min(1)
     loss = ((2 * cross - within_fake) * used).sum() / count
     value = ((2 * cross.detach() - within_fake.detach() - within_real) * used).sum() / count
     return loss, value
+
+
+def within_group_distances(features: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                           chunk_size: int = 1024) -> torch.Tensor:
+    """Mean distance between distinct rows of each group: (M, F), (M,) ids in [0, num_groups) -> (num_groups,)
+    (0 for a group with fewer than two rows). Group by group, in chunks: never an (M, M) matrix."""
+    means = torch.zeros(num_groups, dtype=torch.float64)
+    for g in range(num_groups):
+        rows = features[groups == g]
+        if rows.shape[0] < 2:
+            continue
+        total = sum(float(_distances(chunk, rows).sum()) for chunk in rows.split(chunk_size))
+        total -= rows.shape[0] * 1e-6  # the diagonal's sqrt(eps)
+        means[g] = total / (rows.shape[0] * (rows.shape[0] - 1))
+    return means.to(features.dtype)
+
+
+class RealFeatureBank:
+    """Trunk features of a fixed sample of real sequences, computed once (the trunk is frozen), so the coverage
+    term compares each batch of the student with many real samples of its class instead of the batch's few.
+
+    Memory: ``size x len(layers) x N x D`` floats (MNIST: 4,000 x 1 x 49 x 128 x 4 B = 100 MB at layer 0); for
+    data sets far larger than the bank, the bank is a random sample (seeded).
+
+    Args:
+        features: (M, F) real features.
+        labels: (M,) their class ids in [0, num_classes).
+        num_classes: number of classes C.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+        self.features = features
+        self.labels = labels.long()
+        self.within = within_group_distances(features, self.labels, num_classes)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, trunk: nn.Module, codes: torch.Tensor, labels: torch.Tensor, layers: Sequence[int],
+              num_classes: int, batch_size: int = 256) -> RealFeatureBank:
+        """Features of real ``codes`` (M, N) (or (M, h, w)) of classes ``labels`` (M,), in batches."""
+        device = trunk.tok_emb.weight.device
+        parts = []
+        for start in range(0, codes.shape[0], batch_size):
+            chunk_codes = codes[start:start + batch_size].reshape(-1, trunk.seq_len).to(device).long()
+            chunk_labels = labels[start:start + batch_size].to(device).long()
+            parts.append(trunk_features(trunk, trunk.tok_emb(chunk_codes), chunk_labels, layers))
+        return cls(torch.cat(parts), labels.to(device), num_classes)
+
+
+def bank_rows(total: int, size: int, seed: int = 0) -> torch.Tensor:
+    """The rows of a real bank: ``size`` of ``total`` drawn without replacement (all when size >= total), sorted."""
+    if size < 1:
+        raise ValueError(f"gan.coverage_bank must be >= 1 (0 turns the bank off), got {size}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[:size].sort().values
