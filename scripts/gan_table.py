@@ -4,7 +4,7 @@
         [--start runs/mnist_gan_ablation/val_demo_t0.9/eval.json]
 
 ``--main`` adds the teacher rows of a full report (same seed and conditions); its student row stands for the
-Di[M]O + GAN arm when that arm has no run of its own (the main run is that arm plus FIDMonitor, which does not touch
+Di[M]O + GAN + coverage arm (the config as it is) when that arm has no run of its own (the main run is that arm plus FIDMonitor, which does not touch
 the training draws).
 """
 
@@ -21,6 +21,8 @@ ARMS = {
     "gan_only": ("GAN only", "on"),
     "gan_only_noaug": ("GAN only", "off"),
     "dimo_gan_soft": ("Di[M]O + GAN, soft fake input (the paper's)", "on"),
+    "dimo_cov": ("Di[M]O + coverage", "-"),
+    "dimo_gan_cov": ("Di[M]O + GAN + coverage", "on"),
 }
 
 
@@ -48,8 +50,8 @@ def main() -> None:
         print(f"| start (the Di[M]O checkpoint) | - | {row_cells(row)} |")
     for arm, (name, augment) in ARMS.items():
         path = Path(args.runs) / arm / "eval.json"
-        if arm == "dimo_gan" and not path.is_file() and args.main:
-            path = Path(args.main)  # the main run is the Di[M]O + GAN arm (same recipe, seed and length)
+        if arm == "dimo_gan_cov" and not path.is_file() and args.main:
+            path = Path(args.main)  # the main run is this arm: configs/mnist/dimo_gan.yaml as it is
         if path.is_file():
             (row,) = [r for r in json.loads(path.read_text())["rows"] if r["model"] == "student"]
             print(f"| {name} | {augment} | {row_cells(row)} |")
