@@ -69,12 +69,17 @@ def checkpoint_records(module: Any) -> dict[str, Any]:
         ``{"network", "tokenizer", "conditioning", "emb_noise_scale"}``; entries that this teacher cannot provide
         are None, and exporting such a checkpoint fails with a message saying which.
     """
+    from dimo_lightning.export_prompts import prompt_conditioning_record
     from dimo_lightning.teachers.base import ClassConditionalTeacher
+    from dimo_lightning.teachers.prompt import TextConditionalTeacher
 
     teacher = module.teacher
     conditioning = None
     if isinstance(teacher, ClassConditionalTeacher):
         conditioning = {"type": "class_label", "num_classes": int(teacher.num_classes)}
+    elif isinstance(teacher, TextConditionalTeacher):
+        conditioning = prompt_conditioning_record(teacher, module.device,
+                                                  float(module.hparams.get("teacher_cfg_scale", 1.0)))
     tokenizer = getattr(teacher, "tokenizer", None)
     return {
         "network": network_record(module.student),
@@ -175,7 +180,8 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
         return export_diffusers_transformer(checkpoint, records, ckpt_path, output, ema)
     for name, why in (("network", "its network has no `config` with its constructor arguments"),
                       ("tokenizer", "its tokenizer has no `export_record()`"),
-                      ("conditioning", "only class-conditional students can be exported")):
+                      ("conditioning", "only class-conditional and prompt (text-to-image) students can be "
+                                       "exported")):
         if records.get(name) is None:
             hint = "; text-to-image (Meissonic / aMUSEd) students export with --format diffusers" if (
                 name != "network") else ""
@@ -187,6 +193,14 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
     save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(out / WEIGHTS_FILE),
               metadata={"format": "pt", "source": source})
 
+    conditioning = records["conditioning"]
+    if conditioning.get("type") == "prompt":  # the text encoder and its tokenizer travel with the student
+        from dimo_lightning.export_prompts import export_prompt_conditioning
+
+        teacher_args = (hparams.get("teacher") or {}).get("init_args") if isinstance(hparams.get("teacher"),
+                                                                                     Mapping) else None
+        variant = teacher_args.get("variant") if isinstance(teacher_args, Mapping) else None
+        conditioning = export_prompt_conditioning(conditioning, records["network"], out, ckpt_path, variant)
     tokenizer = dict(records["tokenizer"])
     tensors = tokenizer.pop("tensors", None)
     if tensors:  # small tokenizers travel with the student
@@ -200,7 +214,7 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
         "weights_source": source,
         "key_layout": "maskgit-v1.0" if records["network"]["class_path"] == MASKGIT_NETWORK else "native",
         "network": records["network"],
-        "conditioning": records["conditioning"],
+        "conditioning": conditioning,
         "tokenizer": tokenizer,
         "sampling": sampling_defaults(hparams, records["emb_noise_scale"]),
         "teacher": teacher if isinstance(teacher, Mapping) else None,
@@ -275,7 +289,9 @@ def build_tokenizer(record: Mapping[str, Any], directory: Path) -> nn.Module:
 class OneStepSampler(nn.Module):
     """An exported Di[M]O student: one forward pass from a hybrid masked/random sequence to image codes.
 
-    Mirrors ``DiMOModule.generate`` draw for draw: the same generator gives the same codes.
+    Mirrors ``DiMOModule.generate`` draw for draw: the same generator gives the same codes. This class takes class
+    labels; :class:`~dimo_lightning.export_prompts.PromptSampler` overrides :meth:`prepare` and
+    :meth:`apply_network` for prompts.
 
     Args:
         network: the student network (MaskGIT layout: ``network(codes, labels, drop, sigma, scale, generator)``).
@@ -292,9 +308,33 @@ class OneStepSampler(nn.Module):
         self.num_classes = num_classes
         self.sampling = dict(sampling)
 
+    conditioning_type = "class_label"  # what config.json["conditioning"]["type"] says
+
     @property
     def device(self) -> torch.device:
         return next(self.network.parameters()).device
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side of the (square) token grid."""
+        return self.network.grid_size
+
+    @property
+    def seq_len(self) -> int:
+        """N: image tokens per sample."""
+        return self.network.seq_len
+
+    def prepare(self, conditions: Any) -> Any:
+        """Raw conditions (class labels) -> what :meth:`apply_network` takes (a checked label tensor)."""
+        return self.check_labels(conditions)
+
+    def condition_size(self, cond: Any) -> int:
+        return cond.shape[0]
+
+    def apply_network(self, codes: torch.Tensor, cond: Any, settings: Mapping[str, Any],
+                      generator: torch.Generator | None) -> torch.Tensor:
+        """One student forward on ``codes`` (B, N) for prepared conditions -> logits (B, N, V)."""
+        return self.network(codes, cond, None, settings["emb_noise_sigma"], settings["emb_noise_scale"], generator)
 
     def check_labels(self, labels: torch.Tensor, flag: str = "labels") -> torch.Tensor:
         labels = torch.as_tensor(labels).long().reshape(-1)
@@ -304,21 +344,22 @@ class OneStepSampler(nn.Module):
         return labels.to(self.device)
 
     @torch.no_grad()
-    def logits(self, labels: torch.Tensor, generator: torch.Generator | None = None, **overrides: Any) -> torch.Tensor:
-        """Student logits (B, N, V) for class labels (B,), on a fresh hybrid initial sequence."""
+    def logits(self, labels: Any, generator: torch.Generator | None = None, **overrides: Any) -> torch.Tensor:
+        """Student logits (B, N, V) for B conditions (class labels, or prompts for a prompt student), on a fresh
+        hybrid initial sequence."""
         settings = {**self.sampling, **{k: v for k, v in overrides.items() if v is not None}}
-        labels = self.check_labels(labels)
+        cond = self.prepare(labels)
         net = self.network
-        x_init = hybrid_initial_sequence(labels.shape[0], net.seq_len, net.codebook_size, settings["r_init"],
-                                         net.mask_id, generator, self.device)
-        return net(x_init, labels, None, settings["emb_noise_sigma"], settings["emb_noise_scale"], generator)
+        x_init = hybrid_initial_sequence(self.condition_size(cond), self.seq_len, net.codebook_size,
+                                         settings["r_init"], net.mask_id, generator, self.device)
+        return self.apply_network(x_init, cond, settings, generator)
 
     @torch.no_grad()
     def sample_codes(
         self, labels: torch.Tensor, generator: torch.Generator | None = None, temperature: float | None = None,
         r_init: float | None = None, emb_noise_sigma: float | None = None,
     ) -> torch.Tensor:
-        """Codes (B, N) in [0, K) for class labels (B,) (defaults: the exported sampling settings)."""
+        """Codes (B, N) in [0, K) for B conditions (defaults: the exported sampling settings)."""
         logits = self.logits(labels, generator, r_init=r_init, emb_noise_sigma=emb_noise_sigma)
         exclude = tuple(range(self.network.codebook_size, logits.shape[-1]))  # never the mask slot
         return sample_tokens(logits, temperature or self.sampling["temperature"], self.sampling["top_k"],
@@ -327,12 +368,12 @@ class OneStepSampler(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, N) -> images (B, C, H, W) in [0, 1]."""
-        side = self.network.grid_size
+        side = self.grid_size
         return self.tokenizer.decode(codes.reshape(-1, side, side)).float()
 
     @torch.no_grad()
     def forward(self, labels: torch.Tensor, seed: int = 0, **kwargs: Any) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] for class labels (B,), seeded."""
+        """Images (B, C, H, W) in [0, 1] for B conditions (class labels (B,), or B prompts), seeded."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return self.decode(self.sample_codes(labels, generator, **kwargs))
 
@@ -374,7 +415,14 @@ def load_student(directory: str | Path, device: str | torch.device = "cpu") -> O
     if getattr(tokenizer, "codebook_size", getattr(tokenizer, "n_embed", None)) not in (None, network.codebook_size):
         raise ValueError(f"the tokenizer of {folder} has a codebook of a different size than the student's "
                          f"({network.codebook_size} codes)")
-    sampler = OneStepSampler(network, tokenizer, int(config["conditioning"]["num_classes"]), config["sampling"])
+    conditioning = config["conditioning"]
+    if conditioning.get("type") == "prompt":
+        from dimo_lightning.export_prompts import PromptSampler, load_prompt_encoder
+
+        text_encoder, text_tokenizer = load_prompt_encoder(conditioning, folder)
+        return PromptSampler(network, tokenizer, text_encoder, text_tokenizer, conditioning,
+                             config["sampling"]).to(device)
+    sampler = OneStepSampler(network, tokenizer, int(conditioning["num_classes"]), config["sampling"])
     return sampler.to(device)
 
 
@@ -418,47 +466,89 @@ def parse_labels(text: str | Sequence[int] | int, flag: str = "--labels") -> lis
 
 def sample_command(
     student: str,
-    labels: str = "0",
+    labels: str | None = None,
     num: int = 8,
     output: str = "samples",
     seed: int = 0,
     batch_size: int = 64,
     temperature: float | None = None,
     device: str = "cpu",
+    prompts: str | None = None,
+    prompt: str | None = None,
 ) -> None:
-    """Sample an exported student: ``num`` images per label as PNGs, ``grid.png`` (a row per label) and
-    ``samples.npz`` (``images`` float32 (M, H, W) for grey or (M, C, H, W); ``labels`` int64 (M,)).
+    """Sample an exported student: ``num`` images per condition as PNGs, ``grid.png`` (a row per condition) and
+    ``samples.npz`` (``images`` float32 (M, H, W) for grey or (M, C, H, W); ``labels`` int64 (M,) for a class
+    student, ``prompts`` (M,) unicode for a text-to-image student, whose PNGs carry their prompt as a text chunk).
 
     Args:
         student: the folder written by ``dimo export``.
-        labels: comma-separated class labels, e.g. 0,1,2.
-        num: samples per label.
+        labels: comma-separated class labels, e.g. 0,1,2 (class students; unset: 0).
+        num: samples per label or prompt.
         output: folder to write into.
         seed: seed of the first batch (batch i uses seed + i).
         batch_size: samples per forward pass.
         temperature: sampling temperature (unset: the exported default).
         device: torch device.
+        prompts: text-to-image students: a .txt (one prompt a line) or .jsonl ({"prompt": ...} a line) file, or a
+            ``package.module:function`` returning prompts (e.g. dimo_lightning.data.captions:eval_prompts).
+        prompt: text-to-image students: one prompt.
     """
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num and --batch_size must be >= 1, got {num} and {batch_size}")
+    if prompts is not None and prompt is not None:
+        raise ValueError("give --prompts FILE or --prompt TEXT, not both")
     sampler = load_student(student, device)
-    requested = parse_labels(labels)
-    sampler.check_labels(torch.tensor(requested), flag="--labels")
-    all_labels = torch.tensor(requested).repeat_interleave(num)  # (M,) label-major: a grid row per label
+    text_student = sampler.conditioning_type == "prompt"
+    if text_student:
+        if labels is not None:
+            raise ValueError(f"--labels: {student} is a text-to-image student; give --prompts FILE or --prompt TEXT")
+        if prompts is None and prompt is None:
+            raise ValueError(f"{student} is a text-to-image student: give --prompts FILE or --prompt TEXT")
+        requested = [prompt] if prompt is not None else read_prompt_source(prompts)
+    else:
+        if prompts is not None or prompt is not None:
+            flag = "--prompts" if prompts is not None else "--prompt"
+            raise ValueError(f"{flag}: {student} is a class-conditional student ({sampler.num_classes} classes); "
+                             "give --labels")
+        requested = parse_labels("0" if labels is None else labels)
+        sampler.check_labels(torch.tensor(requested), flag="--labels")
+    # condition-major: a grid row per condition
+    conditions = [c for c in requested for _ in range(num)]
     out = Path(output)
     png_dir = out / "png"
     png_dir.mkdir(parents=True, exist_ok=True)
     chunks = []
-    for i, batch in enumerate(all_labels.split(batch_size)):
-        images = sampler(batch, seed=seed + i, temperature=temperature).cpu()  # (b, C, H, W)
-        for j, (image, label) in enumerate(zip(images, batch.tolist())):
-            save_png(image, png_dir / f"{i * batch_size + j:06d}_{label}.png")
+    for i, start in enumerate(range(0, len(conditions), batch_size)):
+        batch = conditions[start:start + batch_size]
+        images = sampler(batch if text_student else torch.tensor(batch), seed=seed + i,
+                         temperature=temperature).cpu()  # (b, C, H, W)
+        for k, (image, condition) in enumerate(zip(images, batch), start=start):
+            if text_student:
+                save_png(image, png_dir / f"{k:06d}.png", text={"prompt": condition})
+            else:
+                save_png(image, png_dir / f"{k:06d}_{condition}.png")
         chunks.append(images)
     images = torch.cat(chunks)
-    save_png(image_grid(images, ncol=num), out / "grid.png")
-    array = images[:, 0] if images.shape[1] == 1 else images
-    np.savez_compressed(out / "samples.npz", images=array.numpy().astype(np.float32), labels=all_labels.numpy())
+    rows = min(len(requested), GRID_MAX_ROWS) if text_student else len(requested)
+    save_png(image_grid(images[:rows * num], ncol=num), out / "grid.png")
+    array = (images[:, 0] if images.shape[1] == 1 else images).numpy().astype(np.float32)
+    if text_student:
+        (out / "grid.txt").write_text("".join(f"{p}\n" for p in requested[:rows]))  # the grid's row prompts
+        np.savez_compressed(out / "samples.npz", images=array, prompts=np.asarray(conditions, dtype=np.str_))
+    else:
+        np.savez_compressed(out / "samples.npz", images=array, labels=np.asarray(conditions, dtype=np.int64))
     print(f"wrote {len(images)} samples to {out / 'samples.npz'}, PNGs in {png_dir}, grid {out / 'grid.png'}")
+
+
+GRID_MAX_ROWS = 32  # grid.png of a prompt file shows its first prompts only (grid.txt lists them)
+
+
+def read_prompt_source(source: str) -> list[str]:
+    """The prompts of ``--prompts``: a .txt / .jsonl file or a ``package.module:function`` (the formats of
+    ``PromptDataModule``; its reader is imported only here, as it lives next to a LightningDataModule)."""
+    from dimo_lightning.data.prompts import load_prompts
+
+    return list(load_prompts(source, "--prompts"))
 
 
 def image_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> torch.Tensor:
@@ -473,9 +563,15 @@ def image_grid(images: torch.Tensor, ncol: int, pad: int = 2) -> torch.Tensor:
     return grid
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """(C, H, W) in [0, 1] -> an 8-bit PNG (grey for one channel)."""
+def save_png(image: torch.Tensor, path: Path, text: Mapping[str, str] | None = None) -> None:
+    """(C, H, W) in [0, 1] -> an 8-bit PNG (grey for one channel), with ``text`` as UTF-8 (iTXt) chunks."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path, pnginfo=info)
