@@ -9,11 +9,15 @@
 * ``DIR/config.json``: how to rebuild the network, the tokenizer that decodes its codes (small tokenizers such as
   the PatchVQ codebook are copied to ``DIR/tokenizer.safetensors``; large ones such as the VQGAN are referenced by
   path), the teacher it was distilled from (class path and arguments, for the record: sampling never loads it) and
-  the sampling defaults (r_init, sigma, temperature, top-k/p).
+  the sampling defaults (r_init, sigma, temperature, top-k/p);
+* for a prompt (text-to-image) student also ``DIR/text_encoder/`` and ``DIR/text_tokenizer/``, the teacher's frozen
+  text encoder and its tokenizer (see :mod:`dimo_lightning.export_prompts`).
 
-:func:`load_student` rebuilds a ready :class:`OneStepSampler` from such a folder. This module imports torch,
+:func:`load_student` rebuilds a ready :class:`OneStepSampler` (a ``PromptSampler`` for prompt students) from such a
+folder. This module imports torch,
 safetensors and the network/tokenizer classes only: never Lightning (checked by a test through ``sys.modules``).
-``dimo sample --student DIR --labels 0,1,2 --num 8 --output OUT`` writes PNGs, ``grid.png`` and ``samples.npz``.
+``dimo sample --student DIR --labels 0,1,2 --num 8 --output OUT`` (``--prompts FILE`` or ``--prompt TEXT`` for a
+prompt student) writes PNGs, ``grid.png`` and ``samples.npz``.
 """
 
 from __future__ import annotations
@@ -433,7 +437,8 @@ def export_command(ckpt_path: str, output: str, ema: bool | None = None,
 
     Args:
         ckpt_path: the Lightning checkpoint (e.g. runs/mnist_dimo/version_0/checkpoints/last.ckpt).
-        output: folder for model.safetensors, config.json (and tokenizer.safetensors).
+        output: folder for model.safetensors, config.json (and tokenizer.safetensors; text_encoder/ and
+            text_tokenizer/ for a text-to-image student).
         ema: true: the StudentEMA average; false: the raw student; unset: the EMA when the checkpoint has one.
         format: dimo (model.safetensors + config.json for `dimo sample`) or diffusers (OUTPUT/transformer/ in the
             released Meissonic / aMUSEd layout, loadable as MeissonicTeacher(transformer=...) or by their pipelines).
