@@ -14,8 +14,8 @@
   text encoder and its tokenizer (see :mod:`dimo_lightning.export_prompts`).
 
 :func:`load_student` rebuilds a ready :class:`OneStepSampler` (a ``PromptSampler`` for prompt students) from such a
-folder. This module imports torch,
-safetensors and the network/tokenizer classes only: never Lightning (checked by a test through ``sys.modules``).
+folder. This module imports torch, safetensors and the network/tokenizer classes only: never Lightning (checked by a
+test through ``sys.modules``).
 ``dimo sample --student DIR --labels 0,1,2 --num 8 --output OUT`` (``--prompts FILE`` or ``--prompt TEXT`` for a
 prompt student) writes PNGs, ``grid.png`` and ``samples.npz``.
 """
@@ -519,30 +519,42 @@ def sample_command(
         sampler.check_labels(torch.tensor(requested), flag="--labels")
     # condition-major: a grid row per condition
     conditions = [c for c in requested for _ in range(num)]
+    rows = min(len(requested), GRID_MAX_ROWS) if text_student else len(requested)
     out = Path(output)
     png_dir = out / "png"
     png_dir.mkdir(parents=True, exist_ok=True)
-    chunks = []
+    # Samples go to a memory-mapped .npy as they are drawn (a prompt file may hold 50k prompts); savez_compressed
+    # then streams it into samples.npz. Only the grid's images are kept in memory.
+    staging = out / ".samples_images.npy"
+    array = None
+    grid_images = []
     for i, start in enumerate(range(0, len(conditions), batch_size)):
         batch = conditions[start:start + batch_size]
         images = sampler(batch if text_student else torch.tensor(batch), seed=seed + i,
-                         temperature=temperature).cpu()  # (b, C, H, W)
+                         temperature=temperature).cpu().float()  # (b, C, H, W)
         for k, (image, condition) in enumerate(zip(images, batch), start=start):
             if text_student:
                 save_png(image, png_dir / f"{k:06d}.png", text={"prompt": condition})
             else:
                 save_png(image, png_dir / f"{k:06d}_{condition}.png")
-        chunks.append(images)
-    images = torch.cat(chunks)
-    rows = min(len(requested), GRID_MAX_ROWS) if text_student else len(requested)
-    save_png(image_grid(images[:rows * num], ncol=num), out / "grid.png")
-    array = (images[:, 0] if images.shape[1] == 1 else images).numpy().astype(np.float32)
-    if text_student:
-        (out / "grid.txt").write_text("".join(f"{p}\n" for p in requested[:rows]))  # the grid's row prompts
-        np.savez_compressed(out / "samples.npz", images=array, prompts=np.asarray(conditions, dtype=np.str_))
-    else:
-        np.savez_compressed(out / "samples.npz", images=array, labels=np.asarray(conditions, dtype=np.int64))
-    print(f"wrote {len(images)} samples to {out / 'samples.npz'}, PNGs in {png_dir}, grid {out / 'grid.png'}")
+        pixels = images[:, 0] if images.shape[1] == 1 else images  # grey: (b, H, W)
+        if array is None:
+            array = np.lib.format.open_memmap(staging, mode="w+", dtype=np.float32,
+                                              shape=(len(conditions), *pixels.shape[1:]))
+        array[start:start + len(batch)] = pixels.numpy()
+        if start < rows * num:
+            grid_images.append(images[:rows * num - start])
+    save_png(image_grid(torch.cat(grid_images), ncol=num), out / "grid.png")
+    try:
+        if text_student:
+            (out / "grid.txt").write_text("".join(f"{p}\n" for p in requested[:rows]))  # the grid's row prompts
+            np.savez_compressed(out / "samples.npz", images=array, prompts=np.asarray(conditions, dtype=np.str_))
+        else:
+            np.savez_compressed(out / "samples.npz", images=array, labels=np.asarray(conditions, dtype=np.int64))
+    finally:
+        del array
+        staging.unlink(missing_ok=True)
+    print(f"wrote {len(conditions)} samples to {out / 'samples.npz'}, PNGs in {png_dir}, grid {out / 'grid.png'}")
 
 
 GRID_MAX_ROWS = 32  # grid.png of a prompt file shows its first prompts only (grid.txt lists them)

@@ -128,9 +128,12 @@ def test_export_folder_holds_the_text_encoder_and_its_record(trained):
         sampler.logits(torch.tensor([0, 1]))
 
 
-def test_dimo_sample_with_prompts_writes_pngs_grid_and_npz(trained, tmp_path, capsys):
+def test_dimo_sample_with_prompts_writes_pngs_grid_and_npz(trained, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
+    import dimo_lightning.export
+
+    monkeypatch.setattr(dimo_lightning.export, "GRID_MAX_ROWS", 2)  # a long prompt file: the grid shows the first
     out = trained["export"]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("".join(f"{p}\n" for p in PROMPTS[:3]))
@@ -141,8 +144,9 @@ def test_dimo_sample_with_prompts_writes_pngs_grid_and_npz(trained, tmp_path, ca
     assert data["prompts"].tolist() == [p for p in PROMPTS[:3] for _ in range(2)]
     pngs = sorted((tmp_path / "s" / "png").glob("*.png"))
     assert [Image.open(p).text["prompt"] for p in pngs] == data["prompts"].tolist()
-    assert Image.open(tmp_path / "s" / "grid.png").size == (2 * 30 + 2, 3 * 30 + 2)  # a row per prompt
-    assert (tmp_path / "s" / "grid.txt").read_text().splitlines() == PROMPTS[:3]
+    assert Image.open(tmp_path / "s" / "grid.png").size == (2 * 30 + 2, 2 * 30 + 2)  # a row per prompt, 2 at most
+    assert (tmp_path / "s" / "grid.txt").read_text().splitlines() == PROMPTS[:2]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["grid.png", "grid.txt", "png", "samples.npz"]
     # seeded: batch i uses seed + i, so the first batch equals a direct call
     first = load_student(out)(data["prompts"][:4].tolist(), seed=0)[:, 0].numpy()
     np.testing.assert_array_equal(data["images"][:4], first)
