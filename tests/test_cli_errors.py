@@ -111,6 +111,8 @@ def _cases(f: dict) -> list[tuple[str, list[str], list[str]]]:
          ["--labels", "[0, 9]", "12"]),
         ("sample: labels not integers", ["sample", "--student", str(f["student"]), "--labels", "zero"], ["--labels"]),
         ("sample: not an export folder", ["sample", "--student", str(r), "--labels", "0"], ["config.json"]),
+        ("sample: a prompt for a class student", ["sample", "--student", str(f["student"]), "--prompt", "a bold seven"],
+         ["--prompt", "class-conditional", "--labels"]),
     ]
 
 
