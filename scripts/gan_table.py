@@ -4,8 +4,8 @@
         [--start runs/mnist_gan_ablation/val_demo_t0.9/eval.json]
 
 ``--main`` adds the teacher rows of a full report (same seed and conditions); its student row stands for the
-Di[M]O + GAN + coverage arm (the config as it is) when that arm has no run of its own (the main run is that arm plus FIDMonitor, which does not touch
-the training draws).
+Di[M]O + GAN + coverage arm (the config as it is) when that arm has no run of its own (the main run is that arm
+plus FIDMonitor, which does not touch the training draws).
 """
 
 from __future__ import annotations

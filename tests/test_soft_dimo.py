@@ -206,7 +206,9 @@ def test_ablation_override_combines_with_the_gan_config() -> None:
     callbacks = [c.class_path.rsplit(".", 1)[1] for c in cli.config.trainer.callbacks]
     assert callbacks == ["StudentEMA", "ModelCheckpoint", "SampleGrid", "EvaluationReport"]
     assert cli.config.trainer.callbacks[-1].init_args.teacher_steps == []
-    assert cli.config.model.init_args.gan.only and cli.config.model.init_args.gan.weight == 30.0
+    gan = cli.config.model.init_args.gan
+    assert gan.only and gan.weight == 10.0  # the override on top of the config's own GAN settings
+    assert gan.coverage_weight == 100.0 and gan.coverage_layers == [0]  # the config's coverage term survives
     assert cli.config.data.class_path.endswith("RealCodesDataModule")
 
 
