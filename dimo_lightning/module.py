@@ -250,6 +250,7 @@ class DiMOModule(pl.LightningModule):
         self.disc_step = 0
         self.discriminator = self._build_discriminator(teacher)
         self.coverage_layers = self._coverage_layers(teacher)
+        self.real_bank: RealFeatureBank | None = None  # built at fit start when gan.coverage_bank > 0
 
     def _validate(self) -> None:
         hp = self.hparams
@@ -572,12 +573,7 @@ class DiMOModule(pl.LightningModule):
         ``discriminator.*``); the trunk is the teacher's network, passed to every call and never owned."""
         if not self.gan.enabled:
             return None
-        trunk = teacher.network
-        if not callable(getattr(trunk, "forward_features", None)):
-            raise ValueError(
-                f"gan.weight > 0 needs a teacher network with forward_features (a MaskTransformer) as the "
-                f"discriminator trunk; {type(teacher).__name__}'s network is a {type(trunk).__name__}"
-            )
+        trunk = self._feature_trunk(teacher, "gan.weight > 0")
         # The heads' initial weights are a function of the module's seed, not of whatever drew from the global RNG
         # before (so a run and its resumed copy, built in any order, agree).
         with torch.random.fork_rng(devices=[]):
@@ -587,16 +583,23 @@ class DiMOModule(pl.LightningModule):
                 mask_augment=self.gan.mask_augment, max_mask_ratio=self.gan.max_mask_ratio,
             )
 
+    @staticmethod
+    def _feature_trunk(teacher: MaskedTeacher, flag: str) -> nn.Module:
+        """The teacher's network, which the GAN heads and the coverage term run as a frozen feature trunk; a
+        ``ValueError`` naming ``flag`` when it has no ``forward_features``."""
+        trunk = teacher.network
+        if not callable(getattr(trunk, "forward_features", None)):
+            raise ValueError(
+                f"{flag} needs a teacher network with forward_features (a MaskTransformer) as the frozen feature "
+                f"trunk; {type(teacher).__name__}'s network is a {type(trunk).__name__}"
+            )
+        return trunk
+
     def _coverage_layers(self, teacher: MaskedTeacher) -> tuple[int, ...]:
         """The trunk layers of the coverage term's features (empty when it is off)."""
         if self.gan.coverage_weight <= 0:
             return ()
-        trunk = teacher.network
-        if not callable(getattr(trunk, "forward_features", None)):
-            raise ValueError(
-                f"gan.coverage_weight > 0 needs a teacher network with forward_features (a MaskTransformer); "
-                f"{type(teacher).__name__}'s network is a {type(trunk).__name__}"
-            )
+        trunk = self._feature_trunk(teacher, "gan.coverage_weight > 0")
         if self.gan.coverage_layers:
             return tuple(self.gan.coverage_layers)
         if self.discriminator is not None:
@@ -661,10 +664,9 @@ class DiMOModule(pl.LightningModule):
             fake = TeacherDiscriminator.student_embeddings(trunk, z[keep], tokens[keep] if tokens is not None else None)
             fake_features = trunk_features(trunk, fake, fake_cond, self.coverage_layers)
             fake_groups = groups[keep] if groups is not None else None
-            bank = getattr(self, "real_bank", None)
-            if bank is not None and fake_groups is not None:
-                return conditional_energy_distance(fake_features, bank.features, fake_groups, bank.labels,
-                                                   real_within=bank.within)
+            if self.real_bank is not None and fake_groups is not None:
+                return conditional_energy_distance(fake_features, self.real_bank.features, fake_groups,
+                                                   self.real_bank.labels, real_within=self.real_bank.within)
             with torch.no_grad():
                 real_features = trunk_features(trunk, TeacherDiscriminator.real_embeddings(trunk, real_codes), cond,
                                                self.coverage_layers)

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 from diffusers import UVit2DModel
-from torch.utils.checkpoint import checkpoint
 
-from dimo_lightning.nn.meissonic import NUM_MICRO_CONDS, sinusoidal_embedding
+from dimo_lightning.nn.meissonic import NUM_MICRO_CONDS, call_block, sinusoidal_embedding
 
 AESTHETIC_SCORE = 6.0  # the pipeline's default micro-condition
 
@@ -48,11 +47,6 @@ class AmusedTransformer(UVit2DModel):
         with torch.no_grad():
             codes = torch.arange(self.codebook_size, device=self.embed.embeddings.weight.device)
             return float(self.embed(codes.view(1, 1, -1)).float().pow(2).mean().sqrt())
-
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(
         self,
@@ -111,14 +105,14 @@ class AmusedTransformer(UVit2DModel):
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = sigma * emb_noise_scale * eps + torch.sqrt(1 - sigma * sigma) * x
 
-        x = self._run(_uvit_block(self.down_block), x, cond, context)
+        x = call_block(self.gradient_checkpointing, _uvit_block(self.down_block), x, cond, context)
         _, channels, gh, gw = x.shape
         x = self.project_to_hidden(self.project_to_hidden_norm(x.permute(0, 2, 3, 1).reshape(b, gh * gw, channels)))
         for layer in self.transformer_layers:
-            x = self._run(_transformer_layer(layer), x, context, cond)
+            x = call_block(self.gradient_checkpointing, _transformer_layer(layer), x, context, cond)
         x = self.project_from_hidden(self.project_from_hidden_norm(x))
         x = x.reshape(b, gh, gw, channels).permute(0, 3, 1, 2)
-        x = self._run(_uvit_block(self.up_block), x, cond, context)
+        x = call_block(self.gradient_checkpointing, _uvit_block(self.up_block), x, cond, context)
         logits = self.mlm_layer(x)  # (B, K, h, w)
         return logits.permute(0, 2, 3, 1).reshape(b, h * w, self.codebook_size)
 

@@ -52,6 +52,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return out.to(x.dtype)
 
 
+def call_block(gradient_checkpointing: bool, block: nn.Module, *args):
+    """``block(*args)``, recomputed in backward instead of keeping its activations when ``gradient_checkpointing``
+    is on and gradients are being recorded (the frozen teacher, run without gradients, never pays the recompute)."""
+    if gradient_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features (M,) -> (M, dim) as ``[cos, sin]`` (diffusers' flip_sin_to_cos=True, shift 0).
 
@@ -514,11 +522,6 @@ class MeissonicTransformer(nn.Module):
             raise ValueError(f"flat codes (B, N) need a square grid; N={codes.shape[1]} is not a square")
         return codes.view(codes.shape[0], side, side)
 
-    def _run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def forward(
         self,
         codes: torch.Tensor,
@@ -582,10 +585,10 @@ class MeissonicTransformer(nn.Module):
         ids = torch.cat([torch.zeros(length, 3, device=x.device), image_position_ids(gh, gw, x.device)])
         rope = rope_frequencies(ids, self.axes_dims_rope)  # text ids are 0: identity rotation on the text
         for block in self.transformer_blocks:
-            context, x = self._run(block, x, context, temb, rope)
+            context, x = call_block(self.gradient_checkpointing, block, x, context, temb, rope)
         joint = torch.cat([context, x], dim=1)
         for block in self.single_transformer_blocks:
-            joint = self._run(block, joint, temb, rope)
+            joint = call_block(self.gradient_checkpointing, block, joint, temb, rope)
         x = self.project_from_hidden(self.project_from_hidden_norm(joint[:, length:]))
         x = self.up_block(x.reshape(b, gh, gw, dim).permute(0, 3, 1, 2))
         logits = self.mlm_layer(x)  # (B, K, h, w)

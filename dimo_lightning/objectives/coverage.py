@@ -87,7 +87,7 @@ def conditional_energy_distance(
         real_groups = torch.zeros(real.shape[0], dtype=torch.long, device=real.device)
     real = real.detach().to(fake.dtype)
     ids = torch.cat([fake_groups, real_groups]).long()
-    _, inverse = torch.unique(ids, return_inverse=True)
+    present, inverse = torch.unique(ids, return_inverse=True)  # present: the group id of each one_hot column
     one_hot = F.one_hot(inverse).to(fake.dtype)  # (B + R, G)
     gf, gr = one_hot[: fake.shape[0]], one_hot[fake.shape[0]:]
     nf, nr = gf.sum(0), gr.sum(0)  # (G,)
@@ -101,7 +101,6 @@ def conditional_energy_distance(
     within_fake = group_sum(_distances(fake, fake) * (1 - eye_f), gf, gf) / (nf * (nf - 1)).clamp_min(1)
     with torch.no_grad():
         if real_within is not None:
-            present = torch.unique(ids)  # the group id of each column of one_hot, ascending
             within_real = real_within.to(fake.dtype)[present.long()]
         else:
             eye_r = torch.eye(real.shape[0], dtype=real.dtype, device=real.device)
