@@ -654,9 +654,12 @@ class DiMOModule(pl.LightningModule):
     def _coverage_loss(self, z: torch.Tensor, x: torch.Tensor, cond: Any, valid: torch.Tensor,
                        real_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(differentiable energy-distance loss, its full detached estimate) of student logits z (B, N, V) against
-        the micro-batch's real codes (B, N) of the same conditions; rows not ``valid`` are left out."""
+        the micro-batch's real codes (B, N) of the same conditions; rows not ``valid`` are left out. The soft
+        embeddings come from ``z / coverage_temperature`` (null: ``sample_temperature``)."""
         trunk = self.teacher.network
         keep = valid.bool()
+        temperature = self.gan.coverage_temperature or self.hparams.sample_temperature
+        z = z / temperature if temperature != 1 else z
         tokens = x if self.gan.coverage_input == "straight_through" else None
         groups = group_ids(cond, z.shape[0])
         fake_cond = cond[keep] if groups is not None else cond

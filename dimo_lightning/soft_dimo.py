@@ -53,6 +53,11 @@ class GANSettings:
             each step. Memory: ``coverage_bank x len(layers) x N x D`` floats. 0: the batch's codes.
         coverage_input: the student's embeddings it sees: ``soft`` (expected embeddings: their distances measure
             what the student's *input noise* changes) or ``straight_through`` (as ``fake_input``).
+        coverage_temperature: the soft embedding it scores is ``softmax(z / T) @ E`` (the soft part of the
+            straight-through form too). None: the module's ``sample_temperature``, so the term scores the
+            distribution the student is sampled from at evaluation. At a low T the expected embeddings are close to
+            the argmax tokens, so the only way to spread them is the input noise: the term then pays for styles
+            rather than for per-token randomness (docs/notes/gan.md).
     """
 
     weight: float = 0.0
@@ -69,6 +74,7 @@ class GANSettings:
     coverage_layers: list[int] | None = None
     coverage_input: Literal["soft", "straight_through"] = "soft"
     coverage_bank: int = 0
+    coverage_temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -91,6 +97,9 @@ class GANSettings:
             raise ValueError(f"gan.coverage_weight must be >= 0, got {self.coverage_weight}")
         if self.coverage_bank < 0:
             raise ValueError(f"gan.coverage_bank must be >= 0 (0: the batch's real codes), got {self.coverage_bank}")
+        if self.coverage_temperature is not None and not self.coverage_temperature > 0:
+            raise ValueError(f"gan.coverage_temperature must be > 0 (or null: the sample_temperature), got "
+                             f"{self.coverage_temperature}")
         if self.coverage_input not in FAKE_INPUTS:
             raise ValueError(
                 f"gan.coverage_input must be one of {', '.join(FAKE_INPUTS)}, got {self.coverage_input!r}")

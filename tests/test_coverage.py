@@ -179,3 +179,34 @@ def test_coverage_bank_holds_real_features_and_trains(tiny_teacher, tmp_path) ->
     assert len(rows) == 25
     assert sorted(int(data.data.labels[i]) for i in rows) == sorted(bank.labels.tolist())
     assert any(not torch.equal(v, module.student.state_dict()[k]) for k, v in before.items())
+
+
+def test_coverage_scores_the_tempered_soft_embedding(tiny_teacher) -> None:
+    """gan.coverage_temperature T: the loss is the energy distance of softmax(z / T) @ E's trunk features (computed
+    here independently); null takes the module's sample_temperature."""
+    trunk = tiny_teacher.network.eval()
+    gen = torch.Generator().manual_seed(3)
+    z = 3 * torch.randn(6, 49, 17, generator=gen)
+    codes = torch.randint(0, 16, (6, 49), generator=gen)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    valid = torch.ones(6, dtype=torch.bool)
+
+    def expected(temperature: float) -> torch.Tensor:
+        soft = (z[..., :16] / temperature).softmax(-1) @ trunk.tok_emb.weight[:16]
+        fake = trunk_features(trunk, soft, labels, (1,))
+        real = trunk_features(trunk, trunk.tok_emb(codes), labels, (1,))
+        return conditional_energy_distance(fake, real, labels, labels)[0]
+
+    losses = {}
+    for setting, sample_temperature in ((0.5, 1.0), (None, 0.5), (None, 1.0), (2.0, 0.5)):
+        module = make_module(tiny_teacher, gan=GANSettings(coverage_weight=1.0, coverage_temperature=setting),
+                             sample_temperature=sample_temperature)
+        with torch.no_grad():
+            losses[setting, sample_temperature] = module._coverage_loss(z, z.argmax(-1), labels, valid, codes)[0]
+    torch.testing.assert_close(losses[0.5, 1.0], expected(0.5))
+    torch.testing.assert_close(losses[None, 0.5], expected(0.5))
+    torch.testing.assert_close(losses[None, 1.0], expected(1.0))
+    torch.testing.assert_close(losses[2.0, 0.5], expected(2.0))
+    assert not torch.allclose(expected(0.5), expected(1.0))
+    with pytest.raises(ValueError, match="gan.coverage_temperature must be > 0"):
+        GANSettings(coverage_weight=1.0, coverage_temperature=0.0)
