@@ -37,11 +37,13 @@ def config_checkpointing(config: str, dirpath: Path, **overrides) -> tuple[list[
 
 
 class TwoOptimizers(pl.LightningModule):
-    """Manual optimization with a generator and an auxiliary optimizer, like DiMOModule."""
+    """Manual optimization with a generator and an auxiliary optimizer, like DiMOModule (which also stops a run
+    mid-epoch with ``trainer.should_stop``, at ``stop_at`` global steps here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_at: int | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.stop_at = stop_at
         self.generator = torch.nn.Linear(2, 1)
         self.auxiliary = torch.nn.Linear(2, 1)
 
@@ -50,6 +52,8 @@ class TwoOptimizers(pl.LightningModule):
             optimizer.zero_grad()
             self.manual_backward(net(batch[0]).square().mean())
             optimizer.step()
+        if self.stop_at is not None and self.trainer.global_step >= self.stop_at:
+            self.trainer.should_stop = True
 
     def validation_step(self, batch, batch_idx) -> None:  # a no-op batch per epoch, as the MNIST configs
         pass
@@ -60,13 +64,14 @@ class TwoOptimizers(pl.LightningModule):
 
 
 class WorseningFID(pl.Callback):
-    """Logs ``val/fid`` = global step from ``on_train_batch_end`` every ``every`` batches (as FIDMonitor does)."""
+    """Logs ``val/fid`` = global step from ``on_train_batch_end`` every ``every`` batches and at the last step (as
+    FIDMonitor does)."""
 
     def __init__(self, every: int) -> None:
         self.every = every
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % self.every == 0:
+        if (batch_idx + 1) % self.every == 0 or trainer.should_stop:
             pl_module.log("val/fid", float(trainer.global_step), on_step=True, on_epoch=False)
 
 
@@ -75,12 +80,13 @@ def data(validation: bool):
     return (loader, DataLoader(TensorDataset(torch.randn(1, 2)), batch_size=1)) if validation else (loader,)
 
 
-def fit(callbacks, plugins, root: Path, max_epochs: int, fid_every: int, validation: bool = True, **fit_kwargs):
+def fit(callbacks, plugins, root: Path, max_epochs: int, fid_every: int, validation: bool = True,
+        stop_at: int | None = None, **fit_kwargs):
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, num_sanity_val_steps=0, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
                          limit_val_batches=None if validation else 0, plugins=plugins,
                          callbacks=[WorseningFID(fid_every), *callbacks])
-    trainer.fit(TwoOptimizers(), *data(validation), **fit_kwargs)
+    trainer.fit(TwoOptimizers(stop_at), *data(validation), **fit_kwargs)
     return trainer
 
 
@@ -93,7 +99,13 @@ def saved(path) -> tuple[int, int]:
 def test_epoch_end_configs_keep_the_newest_last_and_the_best(config, tmp_path):
     folder = tmp_path / "checkpoints"
     callbacks, plugins = config_checkpointing(config, folder)
+    writes = []  # every save goes through the config's AtomicCheckpointIO (temp file + os.replace)
+    assert [type(p).__name__ for p in plugins] == ["AtomicCheckpointIO"]
+    atomic_save = plugins[0].save_checkpoint
+    plugins[0].save_checkpoint = lambda checkpoint, path, *args: writes.append(Path(path).name) or atomic_save(
+        checkpoint, path, *args)
     trainer = fit(callbacks, plugins, tmp_path, max_epochs=3, fid_every=BATCHES)
+    assert trainer.strategy.checkpoint_io is plugins[0] and writes.count("last.ckpt") == 3  # one per epoch
     last = folder / "last.ckpt"
     assert saved(last) == (3 * 2 * BATCHES, 2), "last.ckpt is not the final state"
     best = Path(trainer.checkpoint_callback.best_model_path)  # what ckpt_path="best" loads: the first epoch
@@ -123,6 +135,24 @@ def test_a_new_run_in_the_same_folder_overwrites_last(config, tmp_path):
     fit(*config_checkpointing(config, folder), tmp_path, max_epochs=1, fid_every=BATCHES)
     assert saved(folder / "last.ckpt") == (2 * BATCHES, 0)
     assert not any(p.name.startswith("last-") for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("config", [*EPOCH_END_CONFIGS, "mnist/ablations/base.yaml"])
+def test_last_is_written_during_the_run_and_at_a_mid_epoch_stop(config, tmp_path):
+    """An interrupted run leaves the previous epoch's last.ckpt; a stop mid-epoch (DiMOModule at max_generator_steps)
+    runs one more validation, whose save is the final state."""
+    folder = tmp_path / "checkpoints"
+    during = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 1:
+                during.append(saved(folder / "last.ckpt"))
+
+    callbacks, plugins = config_checkpointing(config, folder)
+    fit([*callbacks, Watch()], plugins, tmp_path, max_epochs=-1, fid_every=BATCHES, stop_at=2 * (2 * BATCHES + 2))
+    assert during == [(2 * BATCHES, 0)]
+    assert saved(folder / "last.ckpt") == (2 * (2 * BATCHES + 2), 2)
 
 
 @pytest.mark.parametrize("config", STEP_CONFIGS)
