@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -47,6 +48,7 @@ from dimo_lightning.objectives.coverage import (
     bank_rows,
     conditional_energy_distance,
     group_ids,
+    pixel_features,
     trunk_features,
 )
 from dimo_lightning.objectives.gan import TeacherDiscriminator, default_head_layers
@@ -596,8 +598,13 @@ class DiMOModule(pl.LightningModule):
         return trunk
 
     def _coverage_layers(self, teacher: MaskedTeacher) -> tuple[int, ...]:
-        """The trunk layers of the coverage term's features (empty when it is off)."""
+        """The trunk layers of the coverage term's features (empty when it is off or measures pixels)."""
         if self.gan.coverage_weight <= 0:
+            return ()
+        if self.gan.coverage_space == "pixels":
+            if not callable(getattr(teacher, "decode_soft", None)):
+                raise ValueError(f"gan.coverage_space pixels needs a teacher with a differentiable decode "
+                                 f"(decode_soft); {type(teacher).__name__} has none: use coverage_space trunk")
             return ()
         trunk = self._feature_trunk(teacher, "gan.coverage_weight > 0")
         if self.gan.coverage_layers:
@@ -663,17 +670,39 @@ class DiMOModule(pl.LightningModule):
         tokens = x if self.gan.coverage_input == "straight_through" else None
         groups = group_ids(cond, z.shape[0])
         fake_cond = cond[keep] if groups is not None else cond
+        fake_groups = groups[keep] if groups is not None else None
         with self._trunk_in_eval():
-            fake = TeacherDiscriminator.student_embeddings(trunk, z[keep], tokens[keep] if tokens is not None else None)
-            fake_features = trunk_features(trunk, fake, fake_cond, self.coverage_layers)
-            fake_groups = groups[keep] if groups is not None else None
+            if self.gan.coverage_space == "pixels":
+                fake_features = self._pixel_coverage_features(z[keep], tokens[keep] if tokens is not None else None)
+            else:
+                fake = TeacherDiscriminator.student_embeddings(trunk, z[keep],
+                                                               tokens[keep] if tokens is not None else None)
+                fake_features = trunk_features(trunk, fake, fake_cond, self.coverage_layers)
             if self.real_bank is not None and fake_groups is not None:
                 return conditional_energy_distance(fake_features, self.real_bank.features, fake_groups,
                                                    self.real_bank.labels, real_within=self.real_bank.within)
             with torch.no_grad():
-                real_features = trunk_features(trunk, TeacherDiscriminator.real_embeddings(trunk, real_codes), cond,
-                                               self.coverage_layers)
+                real_features = self._real_coverage_features(real_codes, cond)
         return conditional_energy_distance(fake_features, real_features, fake_groups, groups)
+
+    def _pixel_coverage_features(self, z: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Pixel-space coverage features of (tempered) student logits z (B, N, V): the tokenizer's differentiable
+        decode of ``softmax(z[..., :K])``, or with ``tokens`` (B, N) the straight-through probabilities
+        ``one_hot(tokens) + p - sg(p)``, pooled (:func:`pixel_features`)."""
+        k = self.teacher.codebook_size
+        probs = z[..., :k].float().softmax(-1)
+        if tokens is not None:
+            probs = F.one_hot(tokens.long(), k).to(probs.dtype) + probs - probs.detach()
+        return pixel_features(self.teacher.decode_soft(probs), self.gan.coverage_pixel_pool)
+
+    @torch.no_grad()
+    def _real_coverage_features(self, codes: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Coverage features of real codes (B, N) of conditions ``cond``, in ``gan.coverage_space``."""
+        if self.gan.coverage_space == "pixels":
+            return pixel_features(self.teacher.decode(codes.reshape(codes.shape[0], -1)),
+                                  self.gan.coverage_pixel_pool)
+        trunk = self.teacher.network
+        return trunk_features(trunk, TeacherDiscriminator.real_embeddings(trunk, codes), cond, self.coverage_layers)
 
     def _build_real_bank(self) -> RealFeatureBank:
         """The coverage term's real bank (``gan.coverage_bank``): trunk features of that many real sequences of the
@@ -689,7 +718,11 @@ class DiMOModule(pl.LightningModule):
         labels = torch.as_tensor(np.asarray(data.labels[rows])).long()
         num_classes = int(getattr(self.teacher, "num_classes", int(labels.max()) + 1))
         with self._trunk_in_eval():
-            bank = RealFeatureBank.build(self.teacher.network, codes, labels, self.coverage_layers, num_classes)
+            features = torch.cat([
+                self._real_coverage_features(chunk.to(self.device).long(), chunk_labels.to(self.device))
+                for chunk, chunk_labels in zip(codes.split(256), labels.split(256), strict=True)
+            ])
+        bank = RealFeatureBank(features, labels.to(self.device), num_classes)
         megabytes = bank.features.numel() * bank.features.element_size() / 2**20
         rank_zero_info(f"coverage bank: {len(rows)} real sequences, {megabytes:.0f} MB of features")
         return bank

@@ -19,6 +19,7 @@ import torch
 from dimo_lightning.teacher_sampling import coerce_settings
 
 FAKE_INPUTS = ("soft", "straight_through")
+COVERAGE_SPACES = ("trunk", "pixels")
 
 
 @dataclass
@@ -58,6 +59,12 @@ class GANSettings:
             distribution the student is sampled from at evaluation. At a low T the expected embeddings are close to
             the argmax tokens, so the only way to spread them is the input noise: the term then pays for styles
             rather than for per-token randomness (docs/notes/gan.md).
+        coverage_space: where the distances are measured. ``trunk``: the frozen trunk's features at
+            ``coverage_layers``. ``pixels``: the images, through the tokenizer's differentiable decode of the
+            (tempered) code probabilities for the student and its plain decode for the real codes, average-pooled
+            by ``coverage_pixel_pool`` (needs a teacher with ``decode_soft``). On MNIST pixels gave more recall per
+            step than the trunk's token-level features, which whole-image shape barely moves.
+        coverage_pixel_pool: average-pooling window of the pixel space (1: full resolution; 2 halves each side).
     """
 
     weight: float = 0.0
@@ -75,6 +82,8 @@ class GANSettings:
     coverage_input: Literal["soft", "straight_through"] = "soft"
     coverage_bank: int = 0
     coverage_temperature: float | None = None
+    coverage_space: Literal["trunk", "pixels"] = "trunk"
+    coverage_pixel_pool: int = 1
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -100,6 +109,11 @@ class GANSettings:
         if self.coverage_temperature is not None and not self.coverage_temperature > 0:
             raise ValueError(f"gan.coverage_temperature must be > 0 (or null: the sample_temperature), got "
                              f"{self.coverage_temperature}")
+        if self.coverage_space not in COVERAGE_SPACES:
+            raise ValueError(
+                f"gan.coverage_space must be one of {', '.join(COVERAGE_SPACES)}, got {self.coverage_space!r}")
+        if self.coverage_pixel_pool < 1:
+            raise ValueError(f"gan.coverage_pixel_pool must be >= 1, got {self.coverage_pixel_pool}")
         if self.coverage_input not in FAKE_INPUTS:
             raise ValueError(
                 f"gan.coverage_input must be one of {', '.join(FAKE_INPUTS)}, got {self.coverage_input!r}")

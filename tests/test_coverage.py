@@ -7,9 +7,15 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_soft_dimo import codes_file, make_module, make_trainer, real_data
 
-from dimo_lightning.objectives.coverage import conditional_energy_distance, group_ids, trunk_features
+from dimo_lightning.objectives.coverage import (
+    conditional_energy_distance,
+    group_ids,
+    pixel_features,
+    trunk_features,
+)
 from dimo_lightning.soft_dimo import GANSettings
 
 torch.set_num_threads(1)
@@ -210,3 +216,92 @@ def test_coverage_scores_the_tempered_soft_embedding(tiny_teacher) -> None:
     assert not torch.allclose(expected(0.5), expected(1.0))
     with pytest.raises(ValueError, match="gan.coverage_temperature must be > 0"):
         GANSettings(coverage_weight=1.0, coverage_temperature=0.0)
+
+
+def test_pixel_features_pool_and_scale() -> None:
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    full = pixel_features(images)
+    assert full.shape == (3, 784)
+    torch.testing.assert_close(full, images.flatten(1) / 28.0)
+    pooled = pixel_features(images, 2)
+    assert pooled.shape == (3, 196)
+    by_hand = images.reshape(3, 1, 14, 2, 14, 2).mean(dim=(3, 5)).flatten(1) / 14.0
+    torch.testing.assert_close(pooled, by_hand)
+    # the norm is the pooled pixels' root mean square, whatever the resolution
+    torch.testing.assert_close(full.norm(dim=1), images.flatten(1).pow(2).mean(1).sqrt())
+    with pytest.raises(ValueError, match=r"images must be \(B, C, H, W\)"):
+        pixel_features(images[:, 0])
+
+
+@pytest.mark.parametrize("coverage_input", ["soft", "straight_through"])
+def test_pixel_coverage_scores_decoded_images_and_trains_the_student_through_them(tiny_teacher, coverage_input
+                                                                                  ) -> None:
+    """gan.coverage_space pixels: the loss is the energy distance between the tokenizer's differentiable decode of
+    softmax(z / T) (or, straight-through, the decode of the sampled tokens forward) and the decoded real codes;
+    its gradient reaches the logits and nothing of the teacher or the tokenizer."""
+    gen = torch.Generator().manual_seed(5)
+    z = (3 * torch.randn(6, 49, 17, generator=gen)).requires_grad_(True)
+    tokens = torch.randint(0, 16, (6, 49), generator=gen)
+    codes = torch.randint(0, 16, (6, 49), generator=gen)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    module = make_module(tiny_teacher, gan=GANSettings(coverage_weight=1.0, coverage_space="pixels",
+                                                       coverage_input=coverage_input, coverage_pixel_pool=2),
+                         sample_temperature=0.5)
+    assert module.coverage_layers == ()
+    loss, value = module._coverage_loss(z, tokens, labels, torch.ones(6, dtype=torch.bool), codes)
+
+    probs = (z.detach()[..., :16] / 0.5).softmax(-1)
+    codebook = tiny_teacher.tokenizer.codebook  # (K, p * p) patches in [0, 1]
+    p = int(codebook.shape[1] ** 0.5)
+
+    def images(patch_rows: torch.Tensor) -> torch.Tensor:  # (B, 49, p*p) -> (B, 1, 7p, 7p), by hand
+        return patch_rows.reshape(-1, 7, 7, p, p).permute(0, 1, 3, 2, 4).reshape(-1, 1, 7 * p, 7 * p)
+
+    fake_images = images(codebook[tokens] if coverage_input == "straight_through" else probs @ codebook)
+    real_features = F.avg_pool2d(images(codebook[codes]), 2).flatten(1) / (7 * p // 2)
+    fake_features = F.avg_pool2d(fake_images, 2).flatten(1) / (7 * p // 2)
+    want = conditional_energy_distance(fake_features, real_features, labels, labels)
+    torch.testing.assert_close(loss.detach(), want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(value, want[1], rtol=1e-5, atol=1e-6)
+
+    (grad,) = torch.autograd.grad(loss, z)
+    assert grad[..., :16].abs().sum() > 0 and grad[..., 16:].abs().sum() == 0  # never through the mask slot
+    assert all(q.grad is None for q in tiny_teacher.parameters())
+    if coverage_input == "straight_through":  # the soft path's gradient, with the hard tokens' images forward
+        soft = make_module(tiny_teacher, gan=GANSettings(coverage_weight=1.0, coverage_space="pixels",
+                                                         coverage_pixel_pool=2), sample_temperature=0.5)
+        z_soft = z.detach().clone().requires_grad_(True)
+        fake = F.avg_pool2d(fake_images, 2).flatten(1) / (7 * p // 2)
+        soft_images = images((z_soft[..., :16] / 0.5).softmax(-1) @ codebook)
+        fake_st = fake + F.avg_pool2d(soft_images, 2).flatten(1) / (7 * p // 2)
+        fake_st = fake_st - fake_st.detach() + fake
+        (want_grad,) = torch.autograd.grad(
+            conditional_energy_distance(fake_st, real_features, labels, labels)[0], z_soft)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7)
+        assert soft.gan.coverage_input == "soft"
+
+
+def test_pixel_coverage_bank_and_fit(tiny_teacher, tmp_path) -> None:
+    settings = GANSettings(weight=0.0, coverage_weight=5.0, coverage_space="pixels", coverage_bank=25)
+    module = make_module(tiny_teacher, gan=settings, max_generator_steps=2)
+    data = real_data(codes_file(tmp_path, rows=40))
+    before = copy.deepcopy(module.student.state_dict())
+    make_trainer(tmp_path).fit(module, data)
+    bank = module.real_bank
+    side = tiny_teacher.decode(torch.zeros(1, 49, dtype=torch.long)).shape[-1]
+    assert bank.features.shape == (25, side * side)
+    decoded = pixel_features(tiny_teacher.decode(torch.as_tensor(data.data.codes[:40]).reshape(40, -1).long()))
+    matches = [i for i in range(40) if any(torch.allclose(decoded[i], f, atol=1e-6) for f in bank.features)]
+    assert len(matches) >= 25  # (two real rows may decode alike)
+    assert torch.isfinite(torch.as_tensor(module.trainer.callback_metrics["train/coverage_energy"]))
+    assert any(not torch.equal(v, module.student.state_dict()[k]) for k, v in before.items())
+
+
+def test_pixel_coverage_needs_a_differentiable_decode(tiny_teacher, monkeypatch) -> None:
+    monkeypatch.setattr(type(tiny_teacher), "decode_soft", None)
+    with pytest.raises(ValueError, match="gan.coverage_space pixels needs a teacher with a differentiable decode"):
+        make_module(tiny_teacher, gan=GANSettings(coverage_weight=1.0, coverage_space="pixels"))
+    for bad, match in ((dict(coverage_space="pixel"), "gan.coverage_space must be one of trunk, pixels"),
+                       (dict(coverage_pixel_pool=0), "gan.coverage_pixel_pool must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            GANSettings(coverage_weight=1.0, **bad)

@@ -12,9 +12,11 @@ student's other samples of the same condition: the second part is what a per-sam
 spreads a collapsed student over the real styles. The estimator here is the unbiased one (distinct pairs only),
 evaluated within each condition group (class) of the batch and averaged over the groups.
 
-Features: the trunk's hidden states at some layers on the *whole* sequences (no masking), layer-normalised per token
-and flattened over the positions, each layer scaled to unit expected norm, concatenated. The trunk is frozen; the
-gradient reaches the student only through its (soft or straight-through) embeddings.
+Features (``gan.coverage_space``): the trunk's hidden states at some layers on the *whole* sequences (no masking),
+layer-normalised per token and flattened over the positions, each layer scaled to unit expected norm, concatenated
+(:func:`trunk_features`); or the decoded images, average-pooled (:func:`pixel_features`), the student's through the
+tokenizer's differentiable decode of its code probabilities. The trunk and the tokenizer are frozen; the gradient
+reaches the student only through its (soft or straight-through) embeddings or probabilities.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def trunk_features(trunk: nn.Module, embeddings: torch.Tensor, labels: torch.Ten
     hidden = trunk.forward_features(embeddings, labels, layers=tuple(layers))
     parts = [F.layer_norm(h[:, :n].float(), (h.shape[-1],)).flatten(1) / (n * h.shape[-1]) ** 0.5 for h in hidden]
     return torch.cat(parts, dim=1)
+
+
+def pixel_features(images: torch.Tensor, pool: int = 1) -> torch.Tensor:
+    """Per-image features of the pixel space: (B, C, H, W) -> (B, C * (H // pool) * (W // pool)).
+
+    Average-pooled over ``pool`` x ``pool`` windows, flattened and divided by the square root of the feature count, so
+    the norm is the root mean square of the pooled pixels (independent of the resolution).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+    pooled = F.avg_pool2d(images.float(), pool) if pool > 1 else images.float()
+    return pooled.flatten(1) / pooled[0].numel() ** 0.5
 
 
 def group_ids(conditions: object, batch_size: int) -> torch.Tensor | None:
@@ -128,11 +142,12 @@ def within_group_distances(features: torch.Tensor, groups: torch.Tensor, num_gro
 
 
 class RealFeatureBank:
-    """Trunk features of a fixed sample of real sequences, computed once (the trunk is frozen), so the coverage
-    term compares each batch of the student with many real samples of its class instead of the batch's few.
+    """Coverage features (trunk or pixels) of a fixed sample of real sequences, computed once (the trunk and the
+    tokenizer are frozen), so the coverage term compares each batch of the student with many real samples of its
+    class instead of the batch's few.
 
-    Memory: ``size x len(layers) x N x D`` floats (MNIST: 4,000 x 1 x 49 x 128 x 4 B = 100 MB at layer 0); for
-    data sets far larger than the bank, the bank is a random sample (seeded).
+    Memory: ``size x F`` floats (MNIST trunk layer 0: 4,000 x 49 x 128 x 4 B = 100 MB; pixels: 4,000 x 784 x 4 B =
+    13 MB); for data sets far larger than the bank, the bank is a random sample (seeded).
 
     Args:
         features: (M, F) real features.
@@ -144,19 +159,6 @@ class RealFeatureBank:
         self.features = features
         self.labels = labels.long()
         self.within = within_group_distances(features, self.labels, num_classes)
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, trunk: nn.Module, codes: torch.Tensor, labels: torch.Tensor, layers: Sequence[int],
-              num_classes: int, batch_size: int = 256) -> RealFeatureBank:
-        """Features of real ``codes`` (M, N) (or (M, h, w)) of classes ``labels`` (M,), in batches."""
-        device = trunk.tok_emb.weight.device
-        parts = []
-        for start in range(0, codes.shape[0], batch_size):
-            chunk_codes = codes[start:start + batch_size].reshape(-1, trunk.seq_len).to(device).long()
-            chunk_labels = labels[start:start + batch_size].to(device).long()
-            parts.append(trunk_features(trunk, trunk.tok_emb(chunk_codes), chunk_labels, layers))
-        return cls(torch.cat(parts), labels.to(device), num_classes)
 
 
 def bank_rows(total: int, size: int, seed: int = 0) -> torch.Tensor:
