@@ -1,11 +1,11 @@
 """The Soft-Di[M]O ablation table from the arms' ``eval.json`` (written by ``scripts/gan_ablation.sh``).
 
     python scripts/gan_table.py [--runs runs/mnist_gan_ablation] [--main runs/mnist_dimo_gan/version_0/eval.json]
-        [--start runs/mnist_gan_ablation/val_demo_t0.9/eval.json]
+        [--start runs/mnist_gan_ablation/val_demo_t0.6/eval.json] [--arm dimo_cov=PATH/eval.json ...]
 
 ``--main`` adds the teacher rows of a full report (same seed and conditions); its student row stands for the
-Di[M]O + GAN + coverage arm (the config as it is) when that arm has no run of its own (the main run is that arm
-plus FIDMonitor, which does not touch the training draws).
+Di[M]O + coverage arm (``configs/mnist/dimo_gan.yaml`` as it is) when that arm has no run of its own (the main run
+is that arm plus FIDMonitor, which does not touch the training draws).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ ARMS = {
     "gan_only": ("GAN only", "on"),
     "gan_only_noaug": ("GAN only", "off"),
     "dimo_gan_soft": ("Di[M]O + GAN, soft fake input (the paper's)", "on"),
-    "dimo_cov": ("Di[M]O + coverage", "-"),
-    "dimo_gan_cov": ("Di[M]O + GAN + coverage", "on"),
+    "dimo_cov": ("**Di[M]O + coverage** (`configs/mnist/dimo_gan.yaml`)", "-"),
+    "dimo_gan_cov": ("Di[M]O + coverage + GAN", "on"),
+    "dimo_gan_cov_noaug": ("Di[M]O + coverage + GAN", "off"),
 }
 
 
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/mnist_gan_ablation")
     parser.add_argument("--main", default=None, help="a full report (eval.json) with teacher rows")
     parser.add_argument("--start", default=None, help="the report (eval.json) of the checkpoint the arms start from")
+    parser.add_argument("--arm", action="append", default=[], metavar="ARM=EVAL_JSON",
+                        help="the report of an arm run elsewhere (e.g. a full run of that arm with FIDMonitor)")
     args = parser.parse_args()
     print("| arm | mask augmentation | FID | precision | recall | accuracy | FID (mnist-dae) | recall (mnist-dae) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -48,9 +51,13 @@ def main() -> None:
     if args.start:
         (row,) = [r for r in json.loads(Path(args.start).read_text())["rows"] if r["model"] == "student"]
         print(f"| start (the Di[M]O checkpoint) | - | {row_cells(row)} |")
+    elsewhere = dict(item.split("=", 1) for item in args.arm)
+    unknown = sorted(set(elsewhere) - set(ARMS))
+    if unknown:
+        parser.error(f"--arm: unknown arm(s) {', '.join(unknown)}; arms: {', '.join(ARMS)}")
     for arm, (name, augment) in ARMS.items():
-        path = Path(args.runs) / arm / "eval.json"
-        if arm == "dimo_gan_cov" and not path.is_file() and args.main:
+        path = Path(elsewhere.get(arm, Path(args.runs) / arm / "eval.json"))
+        if arm == "dimo_cov" and not path.is_file() and args.main:
             path = Path(args.main)  # the main run is this arm: configs/mnist/dimo_gan.yaml as it is
         if path.is_file():
             (row,) = [r for r in json.loads(path.read_text())["rows"] if r["model"] == "student"]

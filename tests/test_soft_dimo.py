@@ -202,13 +202,13 @@ def test_ablation_override_combines_with_the_gan_config() -> None:
 
     cli = ParseOnlyCLI(args=["--config", str(ROOT / "configs/mnist/dimo_gan.yaml"), "--config",
                              str(ROOT / "configs/mnist/ablations/gan_base.yaml"),
-                             "--model.init_args.gan.only=true"], run=False)
+                             "--model.init_args.gan.only=true", "--model.init_args.gan.weight=10"], run=False)
     callbacks = [c.class_path.rsplit(".", 1)[1] for c in cli.config.trainer.callbacks]
     assert callbacks == ["StudentEMA", "ModelCheckpoint", "SampleGrid", "EvaluationReport"]
     assert cli.config.trainer.callbacks[-1].init_args.teacher_steps == []
     gan = cli.config.model.init_args.gan
     assert gan.only and gan.weight == 10.0  # the override on top of the config's own GAN settings
-    assert gan.coverage_weight == 100.0 and gan.coverage_layers == [0]  # the config's coverage term survives
+    assert gan.coverage_weight == 1000.0 and gan.coverage_space == "pixels"  # the config's coverage term survives
     assert cli.config.data.class_path.endswith("RealCodesDataModule")
 
 
