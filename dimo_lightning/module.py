@@ -52,6 +52,7 @@ from dimo_lightning.objectives.coverage import (
     trunk_features,
 )
 from dimo_lightning.objectives.gan import TeacherDiscriminator, default_head_layers
+from dimo_lightning.objectives.soft import soft_probabilities
 from dimo_lightning.sampling import sample_tokens
 from dimo_lightning.soft_dimo import (
     GANSettings,
@@ -671,12 +672,12 @@ class DiMOModule(pl.LightningModule):
         groups = group_ids(cond, z.shape[0])
         fake_cond = cond[keep] if groups is not None else cond
         fake_groups = groups[keep] if groups is not None else None
+        fake_tokens = tokens[keep] if tokens is not None else None
         with self._trunk_in_eval():
             if self.gan.coverage_space == "pixels":
-                fake_features = self._pixel_coverage_features(z[keep], tokens[keep] if tokens is not None else None)
+                fake_features = self._pixel_coverage_features(z[keep], fake_tokens)
             else:
-                fake = TeacherDiscriminator.student_embeddings(trunk, z[keep],
-                                                               tokens[keep] if tokens is not None else None)
+                fake = TeacherDiscriminator.student_embeddings(trunk, z[keep], fake_tokens)
                 fake_features = trunk_features(trunk, fake, fake_cond, self.coverage_layers)
             if self.real_bank is not None and fake_groups is not None:
                 return conditional_energy_distance(fake_features, self.real_bank.features, fake_groups,
@@ -690,7 +691,7 @@ class DiMOModule(pl.LightningModule):
         decode of ``softmax(z[..., :K])``, or with ``tokens`` (B, N) the straight-through probabilities
         ``one_hot(tokens) + p - sg(p)``, pooled (:func:`pixel_features`)."""
         k = self.teacher.codebook_size
-        probs = z[..., :k].float().softmax(-1)
+        probs = soft_probabilities(z, k)
         if tokens is not None:
             probs = F.one_hot(tokens.long(), k).to(probs.dtype) + probs - probs.detach()
         return pixel_features(self.teacher.decode_soft(probs), self.gan.coverage_pixel_pool)

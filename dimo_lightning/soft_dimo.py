@@ -49,9 +49,10 @@ class GANSettings:
             features, added to the generator loss (0: off). Unlike ``L_gan`` it scores the set of samples, so it
             rewards the styles a mode-seeking student leaves out. Works with or without the discriminator.
         coverage_layers: trunk layers of its features (None: the heads' layers, or ``num_layers`` evenly spaced).
-        coverage_bank: compare with a fixed bank of this many real sequences (their trunk features computed once
+        coverage_bank: compare with a fixed bank of this many real sequences (their features computed once
             at fit start; all of a smaller data set) instead of the batch's real codes: many real samples per class
-            each step. Memory: ``coverage_bank x len(layers) x N x D`` floats. 0: the batch's codes.
+            each step. Memory: ``coverage_bank x len(layers) x N x D`` floats (trunk) or ``coverage_bank x C x H x W /
+            coverage_pixel_pool^2`` (pixels). 0: the batch's codes.
         coverage_input: the student's embeddings it sees: ``soft`` (expected embeddings: their distances measure
             what the student's *input noise* changes) or ``straight_through`` (as ``fake_input``).
         coverage_temperature: the soft embedding it scores is ``softmax(z / T) @ E`` (the soft part of the
