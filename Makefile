@@ -37,14 +37,14 @@ bench: install ## The CPU benchmark of the MNIST config (one thread): prints the
 	OMP_NUM_THREADS=1 $(BIN)/dimo bench --config configs/mnist/dimo.yaml --output docs/bench_cpu.json
 
 assets: install ## Rebuild the shipped assets (codebook, classifier, stroke autoencoder, caption cuts, both teachers)
-	$(BIN)/python -m dimo_lightning.assets.build codebook
-	$(BIN)/python -m dimo_lightning.assets.build classifier
-	$(BIN)/python -m dimo_lightning.assets.build dae
-	$(BIN)/python -m dimo_lightning.assets.build captions
+	$(BIN)/python scripts/build_assets.py codebook
+	$(BIN)/python scripts/build_assets.py classifier
+	$(BIN)/python scripts/build_assets.py dae
+	$(BIN)/python scripts/build_assets.py captions
 	$(BIN)/dimo fit --config configs/mnist/teacher.yaml --trainer.logger.init_args.name=mnist_teacher_assets
-	$(BIN)/python -m dimo_lightning.assets.build teacher "$$(ls -d runs/mnist_teacher_assets/version_* | sort -V | tail -1)"
+	$(BIN)/python scripts/build_assets.py teacher "$$(ls -d runs/mnist_teacher_assets/version_* | sort -V | tail -1)"
 	$(BIN)/dimo fit --config configs/mnist/t2i_teacher.yaml --trainer.logger.init_args.name=mnist_t2i_teacher_assets
-	$(BIN)/python -m dimo_lightning.assets.build t2i_teacher "$$(ls -d runs/mnist_t2i_teacher_assets/version_* | sort -V | tail -1)"
+	$(BIN)/python scripts/build_assets.py t2i_teacher "$$(ls -d runs/mnist_t2i_teacher_assets/version_* | sort -V | tail -1)"
 
 clean: ## Remove the virtual environment and run outputs
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache *.egg-info

@@ -1,3 +1,3 @@
-from dimo_lightning.cli import main
+from dimo_lightning.commands.cli import main
 
 main()

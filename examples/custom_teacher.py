@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dimo_lightning.checkpoints import load_state_dict_checked
+from dimo_lightning.core.weight_files import load_state_dict_checked
 from dimo_lightning.nn.transformer import MaskTransformer
 from dimo_lightning.teachers.base import ClassConditionalTeacher
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    from dimo_lightning.cli import main as dimo
+    from dimo_lightning.commands.cli import main as dimo
 
     dimo(["fit", "--config", str(HERE / "custom_teacher.yaml"),
           f"--model.init_args.max_generator_steps={args.steps}", *extra])

@@ -24,11 +24,11 @@ sys.path.insert(0, str(HERE))  # custom_teacher.py sits next to this file
 
 from custom_teacher import BitPatchTeacher  # noqa: E402
 
-from dimo_lightning.callbacks.ema import StudentEMA  # noqa: E402
-from dimo_lightning.callbacks.progress import GeneratorStepProgressBar  # noqa: E402
 from dimo_lightning.data.labels import ClassLabelDataModule  # noqa: E402
-from dimo_lightning.export import export_student  # noqa: E402
-from dimo_lightning.module import DiMOModule  # noqa: E402
+from dimo_lightning.inference.export import export_student  # noqa: E402
+from dimo_lightning.training.ema import StudentEMA  # noqa: E402
+from dimo_lightning.training.module import DiMOModule  # noqa: E402
+from dimo_lightning.training.progress import GeneratorStepProgressBar  # noqa: E402
 
 
 def distill(steps: int, output: Path, batch_size: int = 16, progress_bar: bool = True) -> Path:

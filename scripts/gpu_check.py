@@ -28,13 +28,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-from dimo_lightning.callbacks.ema import StudentEMA
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.metrics.pca import frechet_distance
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.evaluation.metrics.pca import frechet_distance
 from dimo_lightning.nn.transformer import MaskTransformer, count_parameters
 from dimo_lightning.teachers.base import ClassConditionalTeacher
 from dimo_lightning.tokenizers.vqgan import VQGANTokenizer
+from dimo_lightning.training.ema import StudentEMA
+from dimo_lightning.training.module import DiMOModule
 
 TINY_NETWORK = dict(codebook_size=32, num_classes=10, grid_size=4, hidden_dim=32, depth=2, heads=2, mlp_dim=64)
 TINY_VQGAN = dict(embed_dim=8, n_embed=32, z_channels=8, resolution=16, ch=32, ch_mult=[1, 1, 1, 1, 1],

@@ -1,8 +1,9 @@
+
 """Memory and speed of Di[M]O on a full-size Meissonic with random weights: bf16-mixed, gradient checkpointing,
 batch 2, a few iterations, one device.
 
 A random-weight folder in the published layout (1,006.9M-parameter transformer, CLIP-H text encoder, the released VQ
-model; :func:`~dimo_lightning.teachers.random_released.save_random_released`) is written once and loaded through
+model; :func:`~tests.fixtures.released_layouts.save_random_released`) is written once and loaded through
 :class:`~dimo_lightning.teachers.meissonic.MeissonicTeacher`, so the run exercises the real loading path and every
 pass costs what the released model's does. The module uses the values of ``configs/meissonic.yaml`` (one micro-batch
 of 2 per update instead of 8, so an iteration is one official micro-step). Prints one ``GPU_MEISSONIC {json}`` line
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +29,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from dimo_lightning.callbacks.ema import StudentEMA
 from dimo_lightning.data.prompts import PromptDataModule
-from dimo_lightning.module import DiMOModule
 from dimo_lightning.teachers.meissonic import MEISSONIC_NEGATIVE_PROMPT, MeissonicTeacher
-from dimo_lightning.teachers.random_released import save_random_released
+from dimo_lightning.training.ema import StudentEMA
+from dimo_lightning.training.module import DiMOModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fixtures: the random-weight layouts
+from tests.fixtures.released_layouts import save_random_released  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "configs" / "prompts" / "t2i_prompts.txt"
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
     """(B, 3, H, W) in [0, 1] -> one PNG row."""
-    from dimo_lightning.export import image_grid, save_png
+    from dimo_lightning.inference.export import image_grid, save_png
 
     save_png(image_grid(images.cpu(), ncol=images.shape[0]), path)
 

@@ -22,10 +22,10 @@ import copy
 
 import torch
 
+from dimo_lightning.core.masking import hybrid_initial_sequence
+from dimo_lightning.core.sampling import sample_tokens
 from dimo_lightning.data.real_codes import RealCodesDataModule
-from dimo_lightning.masking import hybrid_initial_sequence
 from dimo_lightning.objectives.gan import TeacherDiscriminator, discriminator_gan_loss
-from dimo_lightning.sampling import sample_tokens
 from dimo_lightning.teachers.mnist import MNISTTeacher
 
 

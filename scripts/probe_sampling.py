@@ -10,10 +10,10 @@ import sys
 
 import torch
 
-from dimo_lightning.evaluation import balanced_labels, generate_images, load_reference, score
-from dimo_lightning.metrics.fidelity import class_accuracy
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.evaluation.metrics.fidelity import class_accuracy
+from dimo_lightning.evaluation.report import balanced_labels, generate_images, load_reference, score
 from dimo_lightning.teachers.mnist import MNISTTeacher
+from dimo_lightning.training.module import DiMOModule
 
 checkpoint = torch.load(sys.argv[1], weights_only=False, map_location="cpu")
 hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from dimo_lightning.masking import hybrid_initial_sequence
+from dimo_lightning.core.masking import hybrid_initial_sequence
 from dimo_lightning.teachers.mnist import MNISTTeacher
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)

@@ -28,7 +28,7 @@ def load_teacher(teacher: str | None, checkpoint: str | None, negative_prompt: s
 
     if checkpoint is None:
         return PromptTeacher(path=teacher, negative_prompt=negative_prompt)
-    from dimo_lightning.pretrain_t2i import TextMaskedDiffusionModule
+    from dimo_lightning.pretraining.text_to_image import TextMaskedDiffusionModule
 
     module = TextMaskedDiffusionModule.load_from_checkpoint(checkpoint, map_location="cpu")
     with tempfile.TemporaryDirectory() as folder:  # the same export path as the end of fit
@@ -41,8 +41,8 @@ def evaluate_steps(teacher, prompts: list[str], steps: int, cfg_scale: float, ch
                    ) -> tuple[dict[str, tuple[int, int]], torch.Tensor, float]:
     """Sample one image per prompt -> (attribute hit counts, uint8 images (M, 1, 28, 28), images/s of sampling)."""
     from dimo_lightning.data.captions import attribute_hits
-    from dimo_lightning.metrics.classifier import predict
-    from dimo_lightning.metrics.fidelity import to_uint8_images
+    from dimo_lightning.evaluation.metrics.classifier import predict
+    from dimo_lightning.evaluation.metrics.fidelity import to_uint8_images
 
     generator = torch.Generator().manual_seed(seed)
     totals = {"class": [0, 0], "thickness": [0, 0], "slant": [0, 0]}
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     from dimo_lightning.data.captions import eval_prompts
-    from dimo_lightning.metrics.classifier import load_classifier
-    from dimo_lightning.metrics.fidelity import compute_metrics, load_real_reference
+    from dimo_lightning.evaluation.metrics.classifier import load_classifier
+    from dimo_lightning.evaluation.metrics.fidelity import compute_metrics, load_real_reference
 
     try:
         step_counts = [int(s) for s in args.steps.split(",")]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dimo_lightning.metrics.fidelity import compute_metrics, load_real_reference
+from dimo_lightning.evaluation.metrics.fidelity import compute_metrics, load_real_reference
 from dimo_lightning.teachers.mnist import MNISTTeacher
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
 

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fixtures: the random-weight layouts
+
 
 def main(argv: list[str]) -> None:
     side, folder = int(argv[0]), Path(argv[1])
     if side == 0:
         from diffusers import VQModel
 
-        from dimo_lightning.teachers.random_released import RELEASED_VQ
+        from tests.fixtures.released_layouts import RELEASED_VQ
 
         torch.manual_seed(0)
         VQModel(**RELEASED_VQ).save_pretrained(str(folder))

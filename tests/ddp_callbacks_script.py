@@ -12,14 +12,14 @@ import torch
 import yaml
 from helpers import save_tiny_mnist_teacher
 
-import dimo_lightning.callbacks.report as report_module
-import dimo_lightning.callbacks.samples as samples_module
-import dimo_lightning.callbacks.writer as writer_module
-from dimo_lightning.callbacks.fid import FIDMonitor
-from dimo_lightning.callbacks.report import EvaluationReport
+import dimo_lightning.evaluation.callbacks.evaluation_report as report_module
+import dimo_lightning.evaluation.callbacks.sample_grid as samples_module
+import dimo_lightning.inference.prediction_writer as writer_module
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.evaluation.callbacks.evaluation_report import EvaluationReport
+from dimo_lightning.evaluation.callbacks.fid_monitor import FIDMonitor
 from dimo_lightning.teachers.mnist import MNISTTeacher
+from dimo_lightning.training.module import DiMOModule
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = {  # the shipped arguments, scaled down to a few samples and steps

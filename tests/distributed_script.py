@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from dimo_lightning.callbacks.ema import StudentEMA
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.module import DiMOModule
 from dimo_lightning.teachers.mnist import MNISTTeacher
+from dimo_lightning.training.ema import StudentEMA
+from dimo_lightning.training.module import DiMOModule
 
 FIRST_STEPS = 3
 RESUMED_STEPS = 5

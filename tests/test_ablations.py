@@ -14,12 +14,12 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from dimo_lightning.callbacks.consistency import ConsistencyMonitor
+from dimo_lightning.core.masking import MASK_SCHEDULES, mask_tokens, sample_mask_ratio
+from dimo_lightning.core.sampling import sample_tokens
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.masking import MASK_SCHEDULES, mask_tokens, sample_mask_ratio
-from dimo_lightning.module import DiMOModule
-from dimo_lightning.objectives.consistency import band_labels, bin_by_ratio, consistency_kl_by_band, masked_kl
-from dimo_lightning.sampling import sample_tokens
+from dimo_lightning.evaluation.callbacks.consistency_monitor import ConsistencyMonitor
+from dimo_lightning.objectives.consistency_gap import band_labels, bin_by_ratio, consistency_kl_by_band, masked_kl
+from dimo_lightning.training.module import DiMOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_clamp_piles_draws_on_the_band_edge():
 
 
 def test_module_masks_the_generator_update_within_the_band(tiny_teacher, tmp_path, monkeypatch):
-    import dimo_lightning.module as module_file
+    import dimo_lightning.training.module as module_file
 
     seen = []
     real = module_file.sample_mask_ratio
@@ -232,7 +232,7 @@ def test_ablation_specs_parse_and_their_grids_are_valid_configs():
     parse (one CLI parser, reused for every point: building it is the slow part) and set the swept key."""
     from test_cli import ParseOnlyCLI
 
-    from dimo_lightning import sweep
+    from dimo_lightning.commands import sweep
 
     specs = sorted((ROOT / "configs/mnist/ablations").glob("*.yaml"))
     specs = [p for p in specs if "sweep" in (yaml.safe_load(p.read_text()) or {})]

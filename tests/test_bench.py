@@ -13,13 +13,13 @@ import torch
 from helpers import save_tiny_mnist_teacher
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from dimo_lightning.callbacks.fid import FIDMonitor
-from dimo_lightning.cli import main
+from dimo_lightning.commands.cli import main
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.evaluation.callbacks.fid_monitor import FIDMonitor
 from dimo_lightning.nn.transformer import MaskTransformer, count_parameters
-from dimo_lightning.speed import compile_networks, set_full_head
 from dimo_lightning.teachers.base import MaskedTeacher
+from dimo_lightning.training.module import DiMOModule
+from dimo_lightning.training.speed import compile_networks, set_full_head
 
 ROOT = Path(__file__).resolve().parents[1]
 

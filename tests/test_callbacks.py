@@ -10,15 +10,15 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from dimo_lightning.callbacks.ema import StudentEMA, ema_rate, ema_update, evaluation_student
-from dimo_lightning.callbacks.fid import FIDMonitor
-from dimo_lightning.callbacks.report import EvaluationReport
-from dimo_lightning.callbacks.samples import SampleGrid
-from dimo_lightning.callbacks.writer import SampleWriter, iter_prediction_shards, read_prediction_index
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.evaluation import REPORT_COLUMNS, load_reference
-from dimo_lightning.metrics.sources import open_image_source
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.evaluation.callbacks.evaluation_report import EvaluationReport
+from dimo_lightning.evaluation.callbacks.fid_monitor import FIDMonitor
+from dimo_lightning.evaluation.callbacks.sample_grid import SampleGrid
+from dimo_lightning.evaluation.metrics.image_sources import open_image_source
+from dimo_lightning.evaluation.report import REPORT_COLUMNS, load_reference
+from dimo_lightning.inference.prediction_writer import SampleWriter, iter_prediction_shards, read_prediction_index
+from dimo_lightning.training.ema import StudentEMA, ema_rate, ema_update, evaluation_student
+from dimo_lightning.training.module import DiMOModule
 
 
 def trainer(tmp_path, callbacks, **kwargs):
@@ -124,7 +124,7 @@ def test_predict_conditions_split_ranks_without_overlap(monkeypatch):
 
 
 def test_shards_of_the_evaluation():
-    from dimo_lightning.callbacks.common import rank_batches, rank_counts, slice_conditions
+    from dimo_lightning.core.sharding import rank_batches, rank_counts, slice_conditions
 
     for world in (1, 2, 3, 5):
         blocks = [rank_batches(23, 4, r, world) for r in range(world)]
@@ -175,9 +175,9 @@ def test_reference_loading(tmp_path):
 
 
 def test_reference_is_checked_before_the_first_step(tiny_teacher, tmp_path):
-    from dimo_lightning.callbacks.common import shared_extractor, shared_reference
-    from dimo_lightning.metrics.features import ReferenceStats
-    from dimo_lightning.stats import stats
+    from dimo_lightning.commands.stats import stats
+    from dimo_lightning.evaluation.callbacks.common import shared_extractor, shared_reference
+    from dimo_lightning.evaluation.metrics.features import ReferenceStats
 
     modules = []
 
@@ -209,7 +209,8 @@ def test_reference_is_checked_before_the_first_step(tiny_teacher, tmp_path):
 def test_evaluation_conditions_come_from_the_datamodule_or_the_teacher():
     from types import SimpleNamespace
 
-    from dimo_lightning.callbacks.common import are_labels, evaluation_conditions
+    from dimo_lightning.core.sharding import are_labels
+    from dimo_lightning.evaluation.callbacks.common import evaluation_conditions
 
     module = SimpleNamespace(teacher=SimpleNamespace(num_classes=4))
     labels = evaluation_conditions(SimpleNamespace(datamodule=None), module, 10)

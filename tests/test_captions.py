@@ -17,7 +17,6 @@ from dimo_lightning.data.captions import (
     fit_thresholds,
     load_thresholds,
     parse_prompt,
-    prompt_faithfulness,
     render_caption,
     slant,
     slant_class,
@@ -26,6 +25,7 @@ from dimo_lightning.data.captions import (
     train_prompts,
 )
 from dimo_lightning.data.mnist import load_mnist_split
+from dimo_lightning.evaluation.metrics.classifier import prompt_faithfulness
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dimo_lightning.checkpoint_io import AtomicCheckpointIO
+from dimo_lightning.training.checkpoint_io import AtomicCheckpointIO
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path):

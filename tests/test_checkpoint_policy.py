@@ -17,7 +17,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from dimo_lightning.checkpoint_io import AtomicCheckpointIO
+from dimo_lightning.training.checkpoint_io import AtomicCheckpointIO
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EPOCH_END_CONFIGS = ["mnist/dimo.yaml", "mnist/dimo_gan.yaml", "mnist/t2i.yaml"]  # saved at each validation end

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dimo_lightning.cli import DiMOCLI, main
+from dimo_lightning.commands.cli import DiMOCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -59,7 +59,7 @@ def test_bad_choice_names_the_flag(capsys):
 
 
 def test_generator_step_progress_bar_is_added_unless_disabled():
-    from dimo_lightning.callbacks.progress import GeneratorStepProgressBar
+    from dimo_lightning.training.progress import GeneratorStepProgressBar
 
     config = ["--config", str(ROOT / "configs/mnist/dimo.yaml"), "--trainer.callbacks=[]"]
     cli = DiMOCLI(args=config, run=False)

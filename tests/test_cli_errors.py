@@ -16,12 +16,12 @@ import torch
 from helpers import TINY_ARCH, save_tiny_mnist_teacher
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dimo_lightning.cli import main
+from dimo_lightning.commands.cli import main
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.export import export_student
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.inference.export import export_student
 from dimo_lightning.teachers.mnist import MNISTTeacher
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
+from dimo_lightning.training.module import DiMOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "cli_errors.md"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dimo_lightning.conditions import (
+from dimo_lightning.core.conditions import (
     TextCondition,
     condition_batch_size,
     move_condition,

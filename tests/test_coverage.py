@@ -16,7 +16,7 @@ from dimo_lightning.objectives.coverage import (
     pixel_features,
     trunk_features,
 )
-from dimo_lightning.soft_dimo import GANSettings
+from dimo_lightning.training.soft_dimo import GANSettings
 
 torch.set_num_threads(1)
 

@@ -28,8 +28,8 @@ from distributed_script import (
 )
 from helpers import save_tiny_mnist_teacher
 
-from dimo_lightning.callbacks.ema import StudentEMA
 from dimo_lightning.data.labels import ClassLabelDataModule
+from dimo_lightning.training.ema import StudentEMA
 
 SCRIPT = Path(__file__).with_name("distributed_script.py")
 MODES = ("ddp", "fsdp")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from dimo_lightning.callbacks.writer import iter_prediction_shards, read_prediction_index
+from dimo_lightning.inference.prediction_writer import iter_prediction_shards, read_prediction_index
 
 
 def test_shipped_callbacks_under_two_rank_ddp(tmp_path):
@@ -79,12 +79,12 @@ def check_one_process_gives_the_same_results(tmp_path: Path) -> None:
     samples: the evaluation and predict shards do not depend on the world size."""
     import lightning.pytorch as pl
 
-    from dimo_lightning.callbacks.ema import StudentEMA
-    from dimo_lightning.callbacks.report import EvaluationReport
-    from dimo_lightning.callbacks.writer import SampleWriter
     from dimo_lightning.data.labels import ClassLabelDataModule
-    from dimo_lightning.module import DiMOModule
+    from dimo_lightning.evaluation.callbacks.evaluation_report import EvaluationReport
+    from dimo_lightning.inference.prediction_writer import SampleWriter
     from dimo_lightning.teachers.mnist import MNISTTeacher
+    from dimo_lightning.training.ema import StudentEMA
+    from dimo_lightning.training.module import DiMOModule
 
     teacher = MNISTTeacher(str(tmp_path / "teacher" / "teacher.safetensors"),
                            str(tmp_path / "teacher" / "codebook.safetensors"))

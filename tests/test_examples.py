@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dimo_lightning.cli import main
+from dimo_lightning.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -46,7 +46,7 @@ def exported(tmp_path_factory):
 
 
 def test_python_api_trains_and_exports(exported):
-    from dimo_lightning.export import read_export_config
+    from dimo_lightning.inference.export import read_export_config
 
     config = read_export_config(exported)
     assert config["generator_step"] == 2 and config["weights_source"] == "ema"

@@ -16,16 +16,16 @@ from helpers import save_tiny_mnist_teacher
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from dimo_lightning.callbacks.ema import StudentEMA
-from dimo_lightning.callbacks.progress import GeneratorStepProgressBar
-from dimo_lightning.checkpoints import load_state_dict_checked
-from dimo_lightning.cli import main
+from dimo_lightning.commands.cli import main
+from dimo_lightning.core.weight_files import load_state_dict_checked
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.export import export_student, load_student
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.inference.export import export_student, load_student
 from dimo_lightning.nn.transformer import MaskTransformer
 from dimo_lightning.teachers.maskgit import MaskGITTeacher
 from dimo_lightning.teachers.mnist import MNISTTeacher
+from dimo_lightning.training.ema import StudentEMA
+from dimo_lightning.training.module import DiMOModule
+from dimo_lightning.training.progress import GeneratorStepProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -109,7 +109,7 @@ def test_load_student_imports_no_lightning(trained, tmp_path):
     out = export_student(trained["ckpt"], tmp_path / "exp")
     code = (
         "import sys, torch\n"
-        "from dimo_lightning.export import load_student\n"
+        "from dimo_lightning.inference.export import load_student\n"
         f"sampler = load_student({str(out)!r})\n"
         "images = sampler(torch.tensor([0, 1, 2]), seed=0)\n"
         "assert images.shape == (3, 1, 28, 28), images.shape\n"
@@ -155,7 +155,7 @@ def test_load_from_checkpoint_rebuilds_the_teacher(trained):
     for key, value in module.teacher.state_dict().items():
         assert torch.equal(rebuilt.teacher.state_dict()[key], value), key
     # the EMA average comes back too, and is what evaluation samples from
-    from dimo_lightning.callbacks.ema import evaluation_student
+    from dimo_lightning.training.ema import evaluation_student
 
     assert evaluation_student(rebuilt) is rebuilt.student_ema
     for key, value in trained["ema"].module.state_dict().items():

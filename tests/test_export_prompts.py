@@ -20,15 +20,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from test_prompt_teacher import FakePromptTeacher, save_tiny_prompt_teacher, write_prompts
 
-from dimo_lightning.callbacks.ema import StudentEMA, evaluation_student
-from dimo_lightning.cli import main
+from dimo_lightning.commands.cli import main
 from dimo_lightning.data.labels import ClassLabelDataModule
 from dimo_lightning.data.prompts import PromptDataModule
-from dimo_lightning.export import export_student, load_student
-from dimo_lightning.export_prompts import PromptSampler, text_encoder_source
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.inference.export import export_student, load_student
+from dimo_lightning.inference.prompt_export import PromptSampler, text_encoder_source
 from dimo_lightning.teachers.mnist import MNISTTeacher
 from dimo_lightning.teachers.prompt import PromptTeacher
+from dimo_lightning.training.ema import StudentEMA, evaluation_student
+from dimo_lightning.training.module import DiMOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a bold seven leaning right", "thin three", "an unknown word", "a bold seven leaning right"]
@@ -67,7 +67,7 @@ def test_reloaded_without_lightning_gives_the_ema_students_logits(trained, tmp_p
     code = (
         "import sys, torch\n"
         "from safetensors.torch import save_file\n"
-        "from dimo_lightning.export import load_student\n"
+        "from dimo_lightning.inference.export import load_student\n"
         f"sampler = load_student({str(out)!r})\n"
         f"prompts = {PROMPTS!r}\n"
         "tensors = {}\n"
@@ -131,9 +131,9 @@ def test_export_folder_holds_the_text_encoder_and_its_record(trained):
 def test_dimo_sample_with_prompts_writes_pngs_grid_and_npz(trained, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    import dimo_lightning.export
+    import dimo_lightning.inference.export
 
-    monkeypatch.setattr(dimo_lightning.export, "GRID_MAX_ROWS", 2)  # a long prompt file: the grid shows the first
+    monkeypatch.setattr(dimo_lightning.inference.export, "GRID_MAX_ROWS", 2)  # a long prompt file: the grid shows the first
     out = trained["export"]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("".join(f"{p}\n" for p in PROMPTS[:3]))

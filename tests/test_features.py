@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dimo_lightning.metrics.features import (
+from dimo_lightning.evaluation.metrics.features import (
     FeatureExtractor,
     check_reference_stats,
     compute_reference_stats,
@@ -16,8 +16,8 @@ from dimo_lightning.metrics.features import (
     metrics_from_features,
     precision_recall,
 )
-from dimo_lightning.metrics.fidelity import compute_metrics, load_real_reference
-from dimo_lightning.metrics.sources import open_image_source
+from dimo_lightning.evaluation.metrics.fidelity import compute_metrics, load_real_reference
+from dimo_lightning.evaluation.metrics.image_sources import open_image_source
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_npz_and_folder_sources_stream_the_same_images(tmp_path):
 
 
 def test_dimo_stats_command(capsys, tmp_path):
-    from dimo_lightning.cli import main
+    from dimo_lightning.commands.cli import main
 
     output = tmp_path / "ref.npz"
     main(["stats", "--reference", "mnist-val", "--extractor", "mnist-cnn", "--output", str(output),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dimo_lightning.core.sampling import sample_tokens
 from dimo_lightning.objectives.gan import (
     TeacherDiscriminator,
     default_head_layers,
@@ -12,7 +13,6 @@ from dimo_lightning.objectives.gan import (
     generator_gan_loss,
     mask_augment,
 )
-from dimo_lightning.sampling import sample_tokens
 
 torch.set_num_threads(1)
 

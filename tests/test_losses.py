@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dimo_lightning.losses import aux_loss, distribution_matching_grad, finite_rows, generator_loss
+from dimo_lightning.core.losses import aux_loss, distribution_matching_grad, finite_rows, generator_loss
 
 
 def kl(p_logits, q_logits):

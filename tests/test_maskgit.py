@@ -209,7 +209,7 @@ def test_bad_resolution(released: dict) -> None:
 # ---- end to end: `dimo fit --config configs/imagenet.yaml` on the tiny released-layout files ---------------------
 def test_dimo_fit_with_imagenet_config_end_to_end(released: dict, tmp_path: Path, monkeypatch) -> None:
     """The user's path: the ImageNet config with the checkpoint paths set, shrunk to CPU size by flags only."""
-    from dimo_lightning.cli import main
+    from dimo_lightning.commands.cli import main
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
@@ -219,8 +219,8 @@ def test_dimo_fit_with_imagenet_config_end_to_end(released: dict, tmp_path: Path
         f"{teacher}checkpoint={released['pth']}", f"{teacher}vqgan={released['vqgan']}", f"{teacher}resolution={RES}",
         *[f"{teacher}{k}={v}" for k, v in NET.items()],
         "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks=[{class_path: dimo_lightning.callbacks.ema.StudentEMA, init_args: {decay: 0.9}}, "
-        "{class_path: dimo_lightning.callbacks.samples.SampleGrid, "
+        "--trainer.callbacks=[{class_path: dimo_lightning.training.ema.StudentEMA, init_args: {decay: 0.9}}, "
+        "{class_path: dimo_lightning.evaluation.callbacks.sample_grid.SampleGrid, "
         "init_args: {every_n_generator_steps: 2, samples_per_class: 1}}, "
         "{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}]",
         "--model.init_args.max_generator_steps=2", "--data.init_args.num_classes=10",
@@ -239,7 +239,7 @@ def test_dimo_fit_with_imagenet_config_end_to_end(released: dict, tmp_path: Path
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
     # `dimo export` of this run: MaskGIT v1.0 keys, so MaskGITTeacher loads the student as a teacher (strictly);
     # the VQGAN is referenced by folder, and load_student decodes through it.
-    from dimo_lightning.export import export_student, load_student
+    from dimo_lightning.inference.export import export_student, load_student
 
     out = export_student(tmp_path / "runs/imagenet256_dimo/version_0/checkpoints/last.ckpt", tmp_path / "student")
     as_teacher = load_teacher(out / "model.safetensors", released["vqgan"])

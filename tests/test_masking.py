@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dimo_lightning.masking import (
+from dimo_lightning.core.masking import (
     hybrid_initial_sequence,
     mask_ratio,
     mask_tokens,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dimo_lightning.metrics import MNISTClassifier, class_accuracy, compute_metrics, load_classifier
-from dimo_lightning.metrics.fidelity import load_real_reference, to_uint8_images
+from dimo_lightning.evaluation.metrics import MNISTClassifier, class_accuracy, compute_metrics, load_classifier
+from dimo_lightning.evaluation.metrics.fidelity import load_real_reference, to_uint8_images
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_load_classifier_wrong_keys_or_garbage_name_the_file(tmp_path):
 
 
 def test_save_load_round_trip(tmp_path):
-    from dimo_lightning.metrics.classifier import save_classifier
+    from dimo_lightning.evaluation.metrics.classifier import save_classifier
 
     torch.manual_seed(0)
     model = MNISTClassifier().eval()
@@ -109,8 +109,8 @@ def test_save_load_round_trip(tmp_path):
 def test_mnist_extractor_with_torch_fidelity_directly(val_set, no_download):
     import torch_fidelity
 
-    from dimo_lightning.metrics import extractors
-    from dimo_lightning.metrics.fidelity import UInt8ImageDataset
+    from dimo_lightning.evaluation.metrics import extractors
+    from dimo_lightning.evaluation.metrics.fidelity import UInt8ImageDataset
 
     images = to_uint8_images(val_set[0][:200])
     extractor = extractors.MNISTFeatureExtractor("mnist-cnn", ["penultimate", "logits"])
@@ -137,7 +137,7 @@ def test_mnist_extractor_with_torch_fidelity_directly(val_set, no_download):
 def test_registration_is_idempotent(monkeypatch):
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    from dimo_lightning.metrics import extractors
+    from dimo_lightning.evaluation.metrics import extractors
 
     extractors.register_extractors()
     reloaded = importlib.reload(extractors)  # a second import under the same name must not raise
@@ -153,7 +153,7 @@ def test_registration_is_idempotent(monkeypatch):
 
 
 def test_inception_local_missing_weights_is_clear(tmp_path, monkeypatch, no_download):
-    from dimo_lightning.metrics.extractors import INCEPTION_WEIGHTS_FILE, InceptionLocalFeatureExtractor
+    from dimo_lightning.evaluation.metrics.extractors import INCEPTION_WEIGHTS_FILE, InceptionLocalFeatureExtractor
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
     with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_FILE) as err:
@@ -173,7 +173,7 @@ def test_inception_local_loads_a_local_file(tmp_path, monkeypatch, no_download):
     """Random InceptionV3 weights in torch-fidelity's layout, loaded back through the public path."""
     from torch_fidelity import FeatureExtractorInceptionV3
 
-    from dimo_lightning.metrics.extractors import INCEPTION_WEIGHTS_FILE
+    from dimo_lightning.evaluation.metrics.extractors import INCEPTION_WEIGHTS_FILE
 
     with monkeypatch.context() as patch:  # build the network without its weights, to get the state-dict layout
         patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict, **kw: None)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from dimo_lightning.callbacks.ema import StudentEMA
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.training.ema import StudentEMA
+from dimo_lightning.training.module import DiMOModule
 
 
 class Recorder(Callback):
@@ -147,7 +147,7 @@ def test_nan_batch_is_skipped_without_changing_weights(tiny_teacher, tmp_path):
 
 def test_accumulation_matches_one_big_batch_gradient(tiny_teacher):
     """Two micro-batches of 4 give the same generator gradient as the math on the full batch of 8."""
-    from dimo_lightning.losses import generator_loss
+    from dimo_lightning.core.losses import generator_loss
 
     z = torch.randn(8, 49, 17, requires_grad=True)
     g = torch.randn(8, 49, 17)

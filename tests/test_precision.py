@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 
-from dimo_lightning.callbacks.ema import StudentEMA
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.training.ema import StudentEMA
+from dimo_lightning.training.module import DiMOModule
 
 
 def sgd(params):
@@ -242,7 +242,7 @@ def test_one_host_sync_per_optimizer_step(tiny_teacher, tmp_path, options):
 @pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6])
 def test_clip_with_precomputed_norm(max_norm):
     """One norm pass (parameters without .grad ignored), then scaling by min(1, max_norm / (norm + 1e-6))."""
-    from dimo_lightning.distributed import clip_grads_, global_grad_norm
+    from dimo_lightning.training.distributed import clip_grads_, global_grad_norm
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(

@@ -7,9 +7,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from dimo_lightning.cli import main
+from dimo_lightning.commands.cli import main
 from dimo_lightning.data.captions import caption_vocabulary, split_captions
-from dimo_lightning.pretrain_t2i import CaptionedMNISTDataModule, TextMaskedDiffusionModule, build_word_tokenizer
+from dimo_lightning.pretraining.text_to_image import (
+    CaptionedMNISTDataModule,
+    TextMaskedDiffusionModule,
+    build_word_tokenizer,
+)
 from dimo_lightning.teachers.prompt import PromptTeacher
 
 ROOT = Path(__file__).resolve().parents[1]

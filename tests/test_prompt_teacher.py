@@ -9,12 +9,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from dimo_lightning.conditions import TextCondition
+from dimo_lightning.core.conditions import TextCondition
 from dimo_lightning.data.prompts import PromptDataModule
-from dimo_lightning.module import DiMOModule
 from dimo_lightning.nn.meissonic import MeissonicTransformer
 from dimo_lightning.teachers.prompt import PromptTeacher, TextConditionalTeacher
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
+from dimo_lightning.training.module import DiMOModule
 
 TINY_NET = dict(attention_head_dim=8, num_attention_heads=2, num_layers=1, num_single_layers=1, joint_attention_dim=12,
                 pooled_projection_dim=16, axes_dims_rope=[2, 2, 4], vocab_size=17, codebook_size=16, downsample=False,
@@ -207,7 +207,8 @@ def test_prompt_teacher_folder_errors(tmp_path):
 # ---- the shipped captioned-MNIST teacher (assets/mnist_t2i_teacher, `make assets`) -----------------------------------
 def test_shipped_t2i_teacher_loads_by_default_and_follows_prompts():
     from dimo_lightning.assets import asset_path
-    from dimo_lightning.data.captions import eval_prompts, prompt_faithfulness
+    from dimo_lightning.data.captions import eval_prompts
+    from dimo_lightning.evaluation.metrics.classifier import prompt_faithfulness
 
     folder = asset_path("mnist_t2i_teacher")
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())

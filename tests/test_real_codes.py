@@ -129,7 +129,7 @@ def test_code_files_are_memory_mapped_and_checked(tmp_path) -> None:
 def test_dimo_encode_writes_the_codes_of_a_folder_and_of_an_npz(tmp_path) -> None:
     from PIL import Image
 
-    from dimo_lightning.cli import main
+    from dimo_lightning.commands.cli import main
     from dimo_lightning.tokenizers.vqgan import VQGANTokenizer
 
     model = make_tiny_vqgan(VQGAN, seed=0)
@@ -174,7 +174,7 @@ def test_dimo_fit_runs_on_real_code_batches_and_checkpoints_the_position(tmp_pat
     """The (labels, codes) batches go through today's DiMOModule (which reads the labels) and the CLI."""
     from pathlib import Path
 
-    from dimo_lightning.cli import main
+    from dimo_lightning.commands.cli import main
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)

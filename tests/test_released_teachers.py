@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from dimo_lightning.nn.amused import AmusedTransformer
-from dimo_lightning.teachers.amused import AmusedTeacher
-from dimo_lightning.teachers.meissonic import MEISSONIC_NEGATIVE_PROMPT, MeissonicTeacher
-from dimo_lightning.teachers.random_released import (
+from fixtures.released_layouts import (
     AMUSED_256_TRANSFORMER,
     AMUSED_512_TRANSFORMER,
     TINY_VQ,
     save_random_released,
 )
+from safetensors.torch import load_file, save_file
+
+from dimo_lightning.nn.amused import AmusedTransformer
+from dimo_lightning.teachers.amused import AmusedTeacher
+from dimo_lightning.teachers.meissonic import MEISSONIC_NEGATIVE_PROMPT, MeissonicTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox curled up asleep in fresh snow", "a lighthouse on a rocky coast", "a bowl of ramen"]
@@ -209,7 +209,7 @@ def test_broken_folders_fail_with_the_path_and_the_expected_layout(tmp_path, mei
 
 
 def _fit(config: str, folder: Path, tmp_path: Path, *extra: str):
-    from dimo_lightning.cli import DiMOCLI
+    from dimo_lightning.commands.cli import DiMOCLI
 
     return DiMOCLI(args=[
         "fit", "--config", str(ROOT / "configs" / config),
@@ -225,8 +225,8 @@ def _fit(config: str, folder: Path, tmp_path: Path, *extra: str):
 def test_dimo_fit_with_the_released_config_then_export_as_a_diffusers_transformer(
     kind, tmp_path, meissonic_folder, amused_folder
 ):
-    from dimo_lightning.cli import main
-    from dimo_lightning.export import export_student
+    from dimo_lightning.commands.cli import main
+    from dimo_lightning.inference.export import export_student
     from dimo_lightning.nn.meissonic import MeissonicTransformer
 
     if kind == "meissonic":
@@ -286,7 +286,7 @@ def test_fsdp_shards_each_block_of_the_released_networks(tmp_path, meissonic_tea
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dimo_lightning.distributed import is_sharded, shard_network, shard_units
+    from dimo_lightning.training.distributed import is_sharded, shard_network, shard_units
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     mesh = init_device_mesh("cpu", (1,))
@@ -305,7 +305,7 @@ def test_fsdp_shards_each_block_of_the_released_networks(tmp_path, meissonic_tea
 
 @pytest.mark.parametrize("config", ["meissonic.yaml", "amused.yaml"])
 def test_released_configs_combine_with_the_strategy_fragments(config):
-    from dimo_lightning.cli import DiMOCLI
+    from dimo_lightning.commands.cli import DiMOCLI
 
     class ParseOnly(DiMOCLI):
         def instantiate_classes(self) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dimo_lightning.sampling import decode_schedule, filter_logits, maskgit_decode, sample_tokens
+from dimo_lightning.core.sampling import decode_schedule, filter_logits, maskgit_decode, sample_tokens
 
 
 def test_decode_schedule_known_values():

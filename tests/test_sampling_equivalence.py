@@ -5,7 +5,7 @@ formulation it replaced, and leaves the random generator in the same state, for 
 import pytest
 import torch
 
-from dimo_lightning.sampling import cfg_combine, decode_schedule, gumbel_noise, maskgit_decode, sample_tokens
+from dimo_lightning.core.sampling import cfg_combine, decode_schedule, gumbel_noise, maskgit_decode, sample_tokens
 
 
 # ---- the reference formulation (the code before the lean rewrite), kept here as the oracle ---------------------------
@@ -241,7 +241,7 @@ def test_teacher_sample_with_split_cfg_agrees_with_batched_cfg(tiny_teacher):
 
 
 def test_teacher_sampling_carries_the_cfg_form_and_reads_records_without_it():
-    from dimo_lightning.teacher_sampling import TeacherSampling
+    from dimo_lightning.core.teacher_sampling import TeacherSampling
 
     old_record = {"steps": 8, "choice_temperature": 16.0}  # a checkpoint written before the switch existed
     assert TeacherSampling.coerce(old_record).sample_kwargs(2.0)["cfg_batched"] is True

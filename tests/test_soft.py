@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import make_tiny_vqgan
 
-from dimo_lightning.objectives.soft import soft_embedding, soft_probabilities
+from dimo_lightning.core.soft_embedding import soft_embedding, soft_probabilities
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
 
 torch.set_num_threads(1)

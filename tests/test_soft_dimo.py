@@ -11,12 +11,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from dimo_lightning.callbacks.ema import StudentEMA
 from dimo_lightning.data.labels import ClassLabelDataModule
 from dimo_lightning.data.real_codes import RealCodesDataModule
-from dimo_lightning.module import DiMOModule
 from dimo_lightning.objectives.gan import TeacherDiscriminator
-from dimo_lightning.soft_dimo import GANSettings, split_real_batch
+from dimo_lightning.training.ema import StudentEMA
+from dimo_lightning.training.module import DiMOModule
+from dimo_lightning.training.soft_dimo import GANSettings, split_real_batch
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_ablation_override_combines_with_the_gan_config() -> None:
 
 
 def test_dimo_gan_config_fast_dev_run(tmp_path, monkeypatch) -> None:
-    from dimo_lightning.cli import main
+    from dimo_lightning.commands.cli import main
 
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(ROOT / "configs/mnist/dimo_gan.yaml"), "--trainer.fast_dev_run=2",
@@ -224,10 +224,11 @@ def test_report_second_distance_matches_torch_fidelity(tiny_teacher, tmp_path, c
     """The report's mnist-dae columns equal torch-fidelity's FID on the same images (an independent path)."""
     import json
 
-    from dimo_lightning.callbacks.common import balanced_labels, student_sampler
-    from dimo_lightning.callbacks.report import EvaluationReport
-    from dimo_lightning.evaluation import generate_images, load_reference
-    from dimo_lightning.metrics.fidelity import compute_metrics
+    from dimo_lightning.core.sharding import balanced_labels
+    from dimo_lightning.evaluation.callbacks.common import student_sampler
+    from dimo_lightning.evaluation.callbacks.evaluation_report import EvaluationReport
+    from dimo_lightning.evaluation.metrics.fidelity import compute_metrics
+    from dimo_lightning.evaluation.report import generate_images, load_reference
 
     report = EvaluationReport(num_samples=40, teacher_steps=[], batch_size=40, second_extractor="mnist-dae", seed=5)
     module = DiMOModule(tiny_teacher, seed=0)

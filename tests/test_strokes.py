@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dimo_lightning.metrics.fidelity import compute_metrics, load_real_reference, to_uint8_images
-from dimo_lightning.metrics.strokes import CODE_DIM, FEATURE_DIM, load_autoencoder
+from dimo_lightning.evaluation.metrics.fidelity import compute_metrics, load_real_reference, to_uint8_images
+from dimo_lightning.evaluation.metrics.strokes import CODE_DIM, FEATURE_DIM, load_autoencoder
 
 torch.set_num_threads(1)
 
@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 def test_registered_extractor_gives_the_standardised_features() -> None:
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    from dimo_lightning.metrics import extractors  # noqa: F401  (registers)
+    from dimo_lightning.evaluation.metrics import extractors  # noqa: F401  (registers)
 
     extractor = FEATURE_EXTRACTORS_REGISTRY["mnist-dae"]("mnist-dae", ["strokes", "bottleneck"])
     assert extractor.get_default_feature_layer_for_metric("fid") == "strokes"
@@ -84,7 +84,7 @@ def test_the_asset_is_reproducible(tmp_path) -> None:
     from safetensors.torch import load_file
 
     from dimo_lightning.assets import asset_path
-    from dimo_lightning.metrics.strokes import build_autoencoder_asset
+    from dimo_lightning.evaluation.metrics.strokes import build_autoencoder_asset
 
     rebuilt = load_file(str(build_autoencoder_asset(seed=0, path=tmp_path / "dae.safetensors")))
     shipped = load_file(str(asset_path("mnist_dae.safetensors")))

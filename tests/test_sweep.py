@@ -17,8 +17,8 @@ import yaml
 
 pytest.importorskip("optuna")
 
-from dimo_lightning import sweep  # noqa: E402
-from dimo_lightning.cli import main as dimo_main  # noqa: E402
+from dimo_lightning.commands import sweep  # noqa: E402
+from dimo_lightning.commands.cli import main as dimo_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,12 +33,12 @@ def tiny_fit_config(tmp_path: Path) -> Path:
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_epochs": -1, "enable_progress_bar": False,
             "enable_model_summary": False, "enable_checkpointing": False, "num_sanity_val_steps": 0,
-            "callbacks": [{"class_path": "dimo_lightning.callbacks.report.EvaluationReport",
+            "callbacks": [{"class_path": "dimo_lightning.evaluation.callbacks.evaluation_report.EvaluationReport",
                            "init_args": {"num_samples": 20, "teacher_steps": [], "batch_size": 20}},
-                          {"class_path": "dimo_lightning.callbacks.consistency.ConsistencyMonitor",
+                          {"class_path": "dimo_lightning.evaluation.callbacks.consistency_monitor.ConsistencyMonitor",
                            "init_args": {"every_n_generator_steps": 1, "num_samples": 8, "band_edges": [0, 0.5, 1]}}],
         },
-        "model": {"class_path": "dimo_lightning.module.DiMOModule", "init_args": {
+        "model": {"class_path": "dimo_lightning.training.module.DiMOModule", "init_args": {
             "teacher": {"class_path": "dimo_lightning.teachers.mnist.MNISTTeacher",
                         "init_args": {"checkpoint": str(weights), "codebook": str(codebook)}},
             "max_generator_steps": 2,
@@ -172,7 +172,7 @@ def test_killed_worker_trial_is_requeued_and_rerun(tmp_path):
     spec = fake_spec(tmp_path, [0.0, 1.0])
     marker = tmp_path / "slow.pid"
     env = subprocess_env(FAKE_SLOW_VALUE="1.0", FAKE_MARKER=str(marker))
-    sweep_cmd = [sys.executable, "-m", "dimo_lightning.sweep", "run", str(spec), "--heartbeat-s", "1", "--grace-s", "2"]
+    sweep_cmd = [sys.executable, "-m", "dimo_lightning.commands.sweep", "run", str(spec), "--heartbeat-s", "1", "--grace-s", "2"]
     worker = subprocess.Popen(sweep_cmd, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:
@@ -230,7 +230,7 @@ def test_parallel_workers_share_one_study(tmp_path):
     import optuna
 
     spec = fake_spec(tmp_path, [0.0, 1.0, 2.0, 3.0])
-    result = subprocess.run([sys.executable, "-m", "dimo_lightning.sweep", "run", str(spec), "--workers", "2",
+    result = subprocess.run([sys.executable, "-m", "dimo_lightning.commands.sweep", "run", str(spec), "--workers", "2",
                              "--heartbeat-s", "1"],
                             env=subprocess_env(FAKE_SECONDS="1.5"), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -13,14 +13,14 @@ import pytest
 import torch
 from test_prompt_teacher import FakePromptTeacher
 
-from dimo_lightning.callbacks.fid import FIDMonitor
-from dimo_lightning.callbacks.report import EvaluationReport
-from dimo_lightning.callbacks.samples import SampleGrid
-from dimo_lightning.callbacks.writer import SampleWriter, iter_prediction_shards, read_prediction_index
-from dimo_lightning.cli import DiMOCLI, main
+from dimo_lightning.commands.cli import DiMOCLI, main
 from dimo_lightning.data.prompts import PromptDataModule
-from dimo_lightning.evaluation import EvalRow, format_table, sharded_sample_features, write_report
-from dimo_lightning.module import DiMOModule
+from dimo_lightning.evaluation.callbacks.evaluation_report import EvaluationReport
+from dimo_lightning.evaluation.callbacks.fid_monitor import FIDMonitor
+from dimo_lightning.evaluation.callbacks.sample_grid import SampleGrid
+from dimo_lightning.evaluation.report import EvalRow, format_table, sharded_sample_features, write_report
+from dimo_lightning.inference.prediction_writer import SampleWriter, iter_prediction_shards, read_prediction_index
+from dimo_lightning.training.module import DiMOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 T2I_CONFIG = ROOT / "configs/mnist/t2i.yaml"
@@ -104,8 +104,8 @@ def _captioned_val_digits(n: int):
 
 
 def test_prompt_accuracy_columns_match_an_independent_count():
-    from dimo_lightning.metrics.classifier import load_classifier
-    from dimo_lightning.metrics.features import FeatureExtractor
+    from dimo_lightning.evaluation.metrics.classifier import load_classifier
+    from dimo_lightning.evaluation.metrics.features import FeatureExtractor
 
     n = 40
     images, prompts, asked, right, judged = _captioned_val_digits(n)
@@ -198,7 +198,7 @@ def test_grid_fid_monitor_and_report_with_prompts(tmp_path):
 def test_predict_with_a_prompts_file_writes_prompts_in_order(tmp_path):
     from PIL import Image
 
-    from dimo_lightning.metrics.sources import open_image_source
+    from dimo_lightning.evaluation.metrics.image_sources import open_image_source
 
     prompts = CAPTIONS + ["ein Prompt mit Umlaut: grün"]
     path = write_prompts(tmp_path / "predict.txt", prompts)

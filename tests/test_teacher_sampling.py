@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import dimo_lightning.callbacks.report as report_module
-from dimo_lightning.callbacks.report import EvaluationReport
-from dimo_lightning.cli import DiMOCLI
-from dimo_lightning.module import DiMOModule
-from dimo_lightning.teacher_sampling import TeacherSampling
+import dimo_lightning.evaluation.callbacks.evaluation_report as report_module
+from dimo_lightning.commands.cli import DiMOCLI
+from dimo_lightning.core.teacher_sampling import TeacherSampling
+from dimo_lightning.evaluation.callbacks.evaluation_report import EvaluationReport
+from dimo_lightning.training.module import DiMOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

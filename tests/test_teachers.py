@@ -79,8 +79,8 @@ def test_shipped_teacher_quality_at_16_steps():
     """The foundation issue's bar: 16-step samples are recognisable (classifier >= 90%) and the Frechet distance
     in a 32-component PCA of pixels is at most a third of the 1-step figure."""
     from dimo_lightning.data.mnist import load_mnist_split
-    from dimo_lightning.metrics.classifier import load_classifier, predict
-    from dimo_lightning.metrics.pca import pca_frechet_distance
+    from dimo_lightning.evaluation.metrics.classifier import load_classifier, predict
+    from dimo_lightning.evaluation.metrics.pca import pca_frechet_distance
 
     teacher = MNISTTeacher()
     real, _ = load_mnist_split("all")

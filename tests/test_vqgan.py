@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import make_tiny_vqgan, write_vqgan_folder
 
-from dimo_lightning.checkpoints import load_torch_file
+from dimo_lightning.core.weight_files import load_torch_file
 from dimo_lightning.tokenizers.vqgan import VQGANTokenizer
 
 torch.set_num_threads(1)

@@ -139,7 +139,7 @@ def load_thresholds(path: str | None = None) -> AttributeThresholds:
     file = Path(path) if path is not None else asset_path(THRESHOLDS_ASSET)
     if not file.is_file():
         raise FileNotFoundError(f"caption thresholds not found: {file}; rebuild with "
-                                "`python -m dimo_lightning.assets.build captions`")
+                                "`python scripts/build_assets.py captions`")
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as err:
@@ -300,15 +300,3 @@ def attribute_hits(images: torch.Tensor, prompts: list[str], predicted_classes: 
     return hits
 
 
-def prompt_faithfulness(images: torch.Tensor, prompts: list[str], classifier=None,
-                        thresholds: AttributeThresholds | None = None) -> dict[str, float]:
-    """Class, thickness and slant accuracy of images (M, 28, 28) against their prompts.
-
-    ``classifier``: an :class:`~dimo_lightning.metrics.classifier.MNISTClassifier` (None loads the shipped one).
-    Returns ``{"class_accuracy", "thickness_accuracy", "slant_accuracy"}`` (NaN where nothing was judged).
-    """
-    from dimo_lightning.metrics.classifier import load_classifier, predict
-
-    classifier = classifier if classifier is not None else load_classifier()
-    hits = attribute_hits(images, prompts, predict(classifier, _check_images(images)), thresholds)
-    return {f"{name}_accuracy": (h / n if n else float("nan")) for name, (h, n) in hits.items()}

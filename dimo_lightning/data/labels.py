@@ -14,6 +14,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from dimo_lightning.core.seeding import derive_seed
+from dimo_lightning.core.sharding import rank_batches
+
 
 def _rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -23,7 +26,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 def label_batch(seed: int, rank: int, index: int, batch_size: int, num_classes: int) -> torch.Tensor:
     """The ``index``-th label batch (batch_size,) of ``rank``: uniform i.i.d. classes, deterministic."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + index * 104_729) % (2**63 - 1))
+    generator = torch.Generator().manual_seed(derive_seed(seed, rank, index))
     return torch.randint(0, num_classes, (batch_size,), generator=generator)
 
 
@@ -75,7 +78,7 @@ class PredictConditions(IterableDataset):
     ``range(num_samples)``, in order, as batches ``{"conditions": labels (B,), "index": global indices (B,)}``.
 
     The global indices are cut into batches of ``batch_size`` first and ranks take contiguous blocks of whole
-    batches (:func:`~dimo_lightning.callbacks.common.rank_batches`): a batch, and so its samples (seeded by its first
+    batches (:func:`~dimo_lightning.evaluation.callbacks.common.rank_batches`): a batch, and so its samples (seeded by its first
     index), is the same on any number of ranks. The label of global index i is ``i % num_classes`` (balanced, class
     order). The rank is read when iterated (after the process group exists); being an IterableDataset, Lightning
     never re-shards it with a distributed sampler, so no sample is padded in twice (``use_distributed_sampler`` may
@@ -98,7 +101,6 @@ class PredictConditions(IterableDataset):
         """This rank's batches ``[(start, stop), ...]`` of global indices, then ``None`` (a padding batch) for each
         batch the busiest rank has more: every rank runs the same number of predict steps, which sharded (FSDP)
         networks need (each forward gathers parameters on all ranks)."""
-        from dimo_lightning.callbacks.common import rank_batches
 
         rank, world = _rank_and_world()
         spans = [span for _, span in rank_batches(self.num_samples, self.batch_size, rank, world)]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from dimo_lightning.core.seeding import derive_seed
 from dimo_lightning.data.labels import PredictConditions, ResumableLoader, _rank_and_world
 
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
@@ -136,7 +137,7 @@ def pass_permutation(num_prompts: int, seed: int, pass_index: int, shuffle: bool
     """Order (M,) of the prompts in pass ``pass_index`` of the training stream (identity without shuffling)."""
     if not shuffle:
         return torch.arange(num_prompts)
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + pass_index * 104_729 + 11) % (2**63 - 1))
+    generator = torch.Generator().manual_seed(derive_seed(seed, step=pass_index, salt=11))
     return torch.randperm(num_prompts, generator=generator)
 
 
@@ -248,7 +249,7 @@ class PromptDataModule(pl.LightningDataModule):
         return _take(prompts, [i % len(prompts) for i in range(num_samples)])
 
     def grid_conditions(self, rows: int) -> list[str]:
-        """The first ``rows`` held-out prompts: one row each of :class:`~dimo_lightning.callbacks.samples.SampleGrid`
+        """The first ``rows`` held-out prompts: one row each of :class:`~dimo_lightning.evaluation.callbacks.sample_grid.SampleGrid`
         (for the captioned-MNIST prompts, one per digit, in class order)."""
         prompts = self.prompts("eval")
         return _take(prompts, range(min(rows, len(prompts))))

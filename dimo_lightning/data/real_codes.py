@@ -26,7 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from dimo_lightning.core.seeding import derive_seed
 from dimo_lightning.data.labels import ClassLabelDataModule, ResumableLoader, _rank_and_world
+from dimo_lightning.data.mnist import load_mnist_digits, split_indices
+from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
 
 MNIST_SOURCE = "mnist"
 
@@ -53,8 +56,6 @@ class RealCodes:
 
 def load_mnist_train_codes(codebook: str | None = None, val_fraction: float = 0.2, split_seed: int = 0) -> RealCodes:
     """The MNIST ``"train"`` digits tokenized by the PatchVQ codebook (None: the shipped one); never a val digit."""
-    from dimo_lightning.data.mnist import load_mnist_digits, split_indices
-    from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
 
     images, labels = load_mnist_digits()
     train_idx, val_idx = split_indices(labels, val_fraction, split_seed)
@@ -173,7 +174,7 @@ def shard_indices(seed: int, rank: int, world_size: int, position: int, batch_si
     start, end = position * batch_size, (position + 1) * batch_size
     pieces = []
     for epoch in range(start // shard, (end - 1) // shard + 1):
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 104_729) % (2**63 - 1))
+        generator = torch.Generator().manual_seed(derive_seed(seed, step=epoch))
         rows = torch.randperm(num_samples, generator=generator)[rank * shard : (rank + 1) * shard]
         lo, hi = max(start - epoch * shard, 0), min(end - epoch * shard, shard)
         pieces.append(rows[lo:hi])

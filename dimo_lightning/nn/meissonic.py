@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dimo_lightning.checkpoints import load_state_dict_checked
+from dimo_lightning.core.weight_files import load_state_dict_checked
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimo_lightning.masking import random_positions_mask
-from dimo_lightning.objectives.soft import soft_embedding
+from dimo_lightning.core.masking import random_positions_mask
+from dimo_lightning.core.soft_embedding import soft_embedding
 
 
 # ---- pure functions ------------------------------------------------------------------------------------------------

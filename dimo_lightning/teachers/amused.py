@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dimo_lightning.checkpoints import load_state_dict_checked
+from dimo_lightning.core.weight_files import load_state_dict_checked
 from dimo_lightning.teachers.meissonic import (
     AMUSED_REPOS,
     ReleasedTextTeacher,

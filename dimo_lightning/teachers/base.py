@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dimo_lightning.sampling import cfg_combine
+from dimo_lightning.core.sampling import cfg_combine, maskgit_decode
 
 
 class MaskedTeacher(nn.Module, ABC):
@@ -214,9 +214,8 @@ class MaskedTeacher(nn.Module, ABC):
     ) -> torch.Tensor:
         """Multi-step MaskGIT decoding of the teacher -> codes (B, N) in [0, K) (no mask left).
 
-        See :func:`dimo_lightning.sampling.maskgit_decode` for the arguments.
+        See :func:`dimo_lightning.core.sampling.maskgit_decode` for the arguments.
         """
-        from dimo_lightning.sampling import maskgit_decode
 
         b = self.condition_batch_size(cond)
         doubled = self.repeat_condition(cond, 2)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dimo_lightning.checkpoints import load_state_dict_checked, load_torch_file
+from dimo_lightning.core.weight_files import load_state_dict_checked, load_torch_file
 from dimo_lightning.nn.transformer import MaskTransformer
 from dimo_lightning.teachers.base import ClassConditionalTeacher
 from dimo_lightning.tokenizers.vqgan import HF_REPO, VQGANTokenizer

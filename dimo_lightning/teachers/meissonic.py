@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dimo_lightning.conditions import TextCondition
+from dimo_lightning.core.conditions import TextCondition
 from dimo_lightning.nn.meissonic import MeissonicTransformer
 from dimo_lightning.teachers.prompt import TextConditionalTeacher, encode_with_clip, load_clip_text_encoder
-from dimo_lightning.tokenizers.diffusers_vq import DiffusersVQTokenizer
+from dimo_lightning.tokenizers.diffusers_vq import DiffusersVQTokenizer, read_diffusers_config
 
 MEISSONIC_REPO = "MeissonFlow/Meissonic"
 AMUSED_REPOS = ("amused/amused-256", "amused/amused-512")
@@ -142,7 +142,6 @@ class MeissonicTeacher(ReleasedTextTeacher):
 def vq_downsample_factor(root: Path) -> int:
     """Pixels per token side of the VQ model in ``root/vqvae`` (2^(levels - 1), 16 for the released one), read from
     its config before any weights are."""
-    from dimo_lightning.tokenizers.diffusers_vq import read_diffusers_config
 
     config = read_diffusers_config(root / "vqvae", "VQ model")
     channels = config.get("block_out_channels")

@@ -9,7 +9,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dimo_lightning.assets import asset_path
-from dimo_lightning.checkpoints import load_state_dict_checked
+from dimo_lightning.core.weight_files import load_state_dict_checked
 from dimo_lightning.nn.transformer import MaskTransformer
 from dimo_lightning.teachers.base import ClassConditionalTeacher
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer

@@ -1,7 +1,7 @@
 """Text-conditional teachers: a :class:`~dimo_lightning.nn.meissonic.MeissonicTransformer` conditioned on prompts.
 
 :class:`TextConditionalTeacher` holds what every prompt teacher shares: conditions are
-:class:`~dimo_lightning.conditions.TextCondition` objects; the unconditional branch of CFG and the aux condition drop
+:class:`~dimo_lightning.core.conditions.TextCondition` objects; the unconditional branch of CFG and the aux condition drop
 swap in cached embeddings of the empty prompt ("") or of the negative prompt; the network gets the micro-conditions
 and the (documented) timestep convention. :class:`PromptTeacher` adds the frozen text encoder: transformers
 ``CLIPTextModelWithProjection`` + tokenizer loaded with ``from_pretrained`` from a diffusers-layout folder
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dimo_lightning.assets import asset_path
-from dimo_lightning.conditions import TextCondition, condition_batch_size, repeat_condition
+from dimo_lightning.core.conditions import TextCondition, condition_batch_size, repeat_condition
 from dimo_lightning.nn.meissonic import MeissonicTransformer
 from dimo_lightning.teachers.base import MaskedTeacher
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dimo_lightning.assets import asset_path
+from dimo_lightning.core.soft_embedding import expected_codebook, grid_probabilities
 
 
 class PatchVQTokenizer(nn.Module):
@@ -124,7 +125,6 @@ class PatchVQTokenizer(nn.Module):
         Returns:
             (B, 1, h*p, w*p) float32 images, differentiable in ``probs``.
         """
-        from dimo_lightning.objectives.soft import expected_codebook, grid_probabilities
 
         grid = grid_probabilities(probs, grid_shape)  # (B, h, w, K)
         m, h, w, _ = grid.shape

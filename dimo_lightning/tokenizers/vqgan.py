@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from dimo_lightning.checkpoints import load_state_dict_checked, load_torch_file
+from dimo_lightning.core.soft_embedding import expected_codebook, grid_probabilities
+from dimo_lightning.core.weight_files import load_state_dict_checked, load_torch_file
 
 HF_REPO = "llvictorll/Maskgit-pytorch"
 HF_VQGAN_FILES = ("pretrained_maskgit/VQGAN/last.ckpt", "pretrained_maskgit/VQGAN/model.yaml")
@@ -374,7 +375,6 @@ class VQGANTokenizer(nn.Module):
         Returns:
             (B, out_ch, f*h, f*w) float32 images in [0, 1].
         """
-        from dimo_lightning.objectives.soft import expected_codebook, grid_probabilities
 
         grid = grid_probabilities(probs, grid_shape)  # (B, h, w, K)
         latents = expected_codebook(grid, self.quantize.embedding.weight).permute(0, 3, 1, 2)  # (B, D, h, w)
