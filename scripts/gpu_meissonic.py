@@ -3,7 +3,7 @@
 batch 2, a few iterations, one device.
 
 A random-weight folder in the published layout (1,006.9M-parameter transformer, CLIP-H text encoder, the released VQ
-model; :func:`~tests.fixtures.released_layouts.save_random_released`) is written once and loaded through
+model; ``save_random_released`` in tests/fixtures/released_layouts.py) is written once and loaded through
 :class:`~dimo_lightning.teachers.meissonic.MeissonicTeacher`, so the run exercises the real loading path and every
 pass costs what the released model's does. The module uses the values of ``configs/meissonic.yaml`` (one micro-batch
 of 2 per update instead of 8, so an iteration is one official micro-step). Prints one ``GPU_MEISSONIC {json}`` line
@@ -34,8 +34,8 @@ from dimo_lightning.teachers.meissonic import MEISSONIC_NEGATIVE_PROMPT, Meisson
 from dimo_lightning.training.ema import StudentEMA
 from dimo_lightning.training.module import DiMOModule
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fixtures: the random-weight layouts
-from tests.fixtures.released_layouts import save_random_released  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # fixtures/: the random-weight layouts
+from fixtures.released_layouts import save_random_released  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "configs" / "prompts" / "t2i_prompts.txt"

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fixtures: the random-weight layouts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # fixtures/: the random-weight layouts
 
 
 def main(argv: list[str]) -> None:
     folder, action = Path(argv[0]), argv[1]
     preset = argv[2] if len(argv) > 2 else "meissonic-full"
     if action == "write":
-        from tests.fixtures.released_layouts import save_random_released
+        from fixtures.released_layouts import save_random_released
 
         start = time.perf_counter()
         save_random_released(folder, preset, seed=0, fp16=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/fixtures: the random-weight layouts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # fixtures/: the random-weight layouts
 
 
 def main(argv: list[str]) -> None:
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     if side == 0:
         from diffusers import VQModel
 
-        from tests.fixtures.released_layouts import RELEASED_VQ
+        from fixtures.released_layouts import RELEASED_VQ
 
         torch.manual_seed(0)
         VQModel(**RELEASED_VQ).save_pretrained(str(folder))

@@ -86,3 +86,14 @@ def write_vqgan_folder(
         ckpt_path,
     )
     return folder
+
+
+def load_script(name: str):
+    """A module of scripts/ (not part of the installed package), imported from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -244,7 +244,11 @@ def test_package_data_globs_cover_every_shipped_asset_file():
 def test_install_t2i_teacher_replaces_the_asset_folder(tmp_path, monkeypatch):
     import shutil
 
-    from dimo_lightning.assets import asset_path, build
+    from helpers import load_script
+
+    from dimo_lightning.assets import asset_path
+
+    build = load_script("build_assets")
 
     run = tmp_path / "version_0"
     shutil.copytree(asset_path("mnist_t2i_teacher"), run / "t2i_teacher")

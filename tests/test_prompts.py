@@ -10,7 +10,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dimo_lightning.data.prompts import PromptDataModule, PromptFile, PromptStream, load_prompts
+from dimo_lightning.data.prompt_files import PromptFile, load_prompts
+from dimo_lightning.data.prompts import PromptDataModule, PromptStream
 
 PROMPTS = [f"prompt number {i}" for i in range(10)]
 

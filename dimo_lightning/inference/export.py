@@ -37,7 +37,7 @@ from torch import nn
 
 from dimo_lightning.core.masking import parse_range
 from dimo_lightning.core.weight_files import load_state_dict_checked
-from dimo_lightning.data.prompts import load_prompts
+from dimo_lightning.data.prompt_files import load_prompts
 from dimo_lightning.inference.pipeline import OneStepSampler
 from dimo_lightning.inference.prompt_export import (
     PromptSampler,

@@ -312,6 +312,7 @@ class FeatureExtractor:
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
         from torch_fidelity.utils import create_feature_extractor
 
+        from dimo_lightning.evaluation.metrics import extractors  # noqa: F401  (registers mnist-cnn / inception-local)
 
         if name not in FEATURE_EXTRACTORS_REGISTRY:
             raise ValueError(f"{flag}: unknown feature extractor {name!r}; registered: "

@@ -120,6 +120,7 @@ def compute_metrics(
     """
     import torch_fidelity
 
+    from dimo_lightning.evaluation.metrics import extractors  # noqa: F401  (registers "mnist-cnn" / "inception-local")
 
     fake = to_uint8_images(fake_images, "fake_images")
     real = to_uint8_images(real_images, "real_images")
