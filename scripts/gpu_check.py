@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from dimo_lightning.data.labels import ClassLabelDataModule
-from dimo_lightning.evaluation.metrics.pca import frechet_distance
+from dimo_lightning.evaluation.metrics.features import frechet_distance
 from dimo_lightning.nn.transformer import MaskTransformer, count_parameters
 from dimo_lightning.teachers.base import ClassConditionalTeacher
 from dimo_lightning.tokenizers.vqgan import VQGANTokenizer

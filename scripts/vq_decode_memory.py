@@ -24,7 +24,6 @@ def main(argv: list[str]) -> None:
     side, folder = int(argv[0]), Path(argv[1])
     if side == 0:
         from diffusers import VQModel
-
         from fixtures.released_layouts import RELEASED_VQ
 
         torch.manual_seed(0)

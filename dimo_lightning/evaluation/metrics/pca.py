@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import linalg
 
-
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)) between two Gaussians."""
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(cov1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
-    covmean = np.real(covmean)
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+from dimo_lightning.evaluation.metrics.features import frechet_distance
 
 
 def pca_frechet_distance(samples: torch.Tensor, reference: torch.Tensor, components: int = 32) -> float:
