@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The Soft-Di[M]O ablation (issue 11): arms from the same Di[M]O checkpoint, same phase length, one after another,
+# The Soft-Di[M]O ablation: arms from the same Di[M]O checkpoint, same phase length, one after another,
 # each in runs/mnist_gan_ablation/<arm>/ (eval.json, <arm>.log). Then: python scripts/gan_table.py.
 #   scripts/gan_ablation.sh CKPT [ARM ...] [-- extra dimo fit flags]
 # Arms (all by default): dimo_only, dimo_gan, dimo_gan_noaug, gan_only, gan_only_noaug (no coverage term),
 # dimo_cov (configs/mnist/dimo_gan.yaml as it is: the coverage term, no discriminator), dimo_gan_cov,
 # dimo_gan_cov_noaug (the config plus the GAN, with / without mask augmentation), dimo_gan_soft (the paper's soft fake
 # input, no coverage). The GAN arms use weight GAN_WEIGHT (default 10). Set DIMO to the command that runs `dimo`
-# (default: python -m dimo_lightning), e.g. DIMO="/work/wt/slot B python -m dimo_lightning".
+# (default: python -m dimo_lightning), e.g. DIMO="taskset -c 1 python -m dimo_lightning" to pin the arms to one core.
 set -euo pipefail
 ckpt=${1:?usage: scripts/gan_ablation.sh CKPT [ARM ...] [-- extra flags]}
 shift

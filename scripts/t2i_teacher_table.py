@@ -1,4 +1,4 @@
-"""Prompt-faithfulness table of a captioned-MNIST text-to-image teacher (issue 10's teacher targets).
+"""Prompt-faithfulness table of a captioned-MNIST text-to-image teacher (docs/text-to-image.md#the-shipped-teacher).
 
     python scripts/t2i_teacher_table.py                                   # the shipped asset
     python scripts/t2i_teacher_table.py --teacher runs/mnist_t2i_teacher/version_0/t2i_teacher

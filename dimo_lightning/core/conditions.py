@@ -1,8 +1,9 @@
 """Conditions as one object: class labels (a tensor) or text conditions (:class:`TextCondition`).
 
 The module and the callbacks never look inside a condition: they only ask for its batch size, split it into
-micro-batches, repeat it for batched CFG, select rows and move it to a device (design.md section 6). The helpers at
-the bottom do that for a label tensor and for any object with the :class:`TextCondition` methods alike.
+micro-batches, repeat it for batched CFG, select rows and move it to a device, so that a new kind of condition
+needs no change there. The helpers at the bottom do that for a label tensor and for any object with the
+:class:`TextCondition` methods alike.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Pure loss functions of Di[M]O (spec sections 2-3): the distribution-matching logit gradient, the generator's
-surrogate loss and the auxiliary model's loss. Tensors in, tensors out; no module state.
+"""Pure loss functions of Di[M]O (docs/method.md#targets-and-the-divergence, docs/method.md#the-aux-update): the
+distribution-matching logit gradient, the generator's surrogate loss and the auxiliary model's loss. Tensors in,
+tensors out; no module state.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ MASK_SCHEDULES = ("linear", "square", "cosine", "arccos", "mage")
 
 
 def mask_ratio(u: torch.Tensor, schedule: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mask ratio rho(u) for u in [0, 1] (spec section 2.2).
+    """Mask ratio rho(u) for u in [0, 1] (docs/method.md#forward-re-masking).
 
     linear: u; square: u^2; cosine: cos(pi u / 2); arccos: arccos(u) / (pi / 2); mage: a normal with mean 0.55 and
     std 0.25 truncated to [0.5, 1.0] (``u`` only gives the shape; the draw uses ``generator``).
@@ -156,7 +156,7 @@ def hybrid_initial_sequence(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The student's input x_init (spec section 1.2): uniform random codes in [0, K) with exactly
+    """The student's input x_init (docs/method.md#student-input): uniform random codes in [0, K) with exactly
     max(1, round(N * r_init)) positions per row set to the mask id. Returns (B, N) long.
     """
     if not 0.0 <= r_init <= 1.0:

@@ -1,5 +1,6 @@
 """Sampling: categorical sampling with temperature / top-k / top-p, the one-step student sampler and the MaskGIT
-iterative decoder used for teachers (spec sections 1.5 and 5a).
+iterative decoder used for teachers (docs/method.md#one-step-sampling; the teacher's decoding settings:
+docs/cli.md#one-set-of-teacher-decoding-settings).
 """
 
 from __future__ import annotations

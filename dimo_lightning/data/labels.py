@@ -1,9 +1,9 @@
 """ClassLabelDataModule: the data-free condition source for class-conditional teachers.
 
-Di[M]O needs no images: each batch is a vector of class labels drawn uniformly and independently (spec section
-1.1). Batch j on rank r is a pure function of (seed, r, j), and the loader is resumable (its position is saved in
-Lightning checkpoints), so a resumed run sees exactly the labels an uninterrupted run would have seen, and ranks
-draw different labels without a distributed sampler.
+Di[M]O needs no images: each batch is a vector of class labels drawn uniformly and independently
+(docs/method.md#the-iteration). Batch j on rank r is a pure function of (seed, r, j), and the loader is resumable
+(its position is saved in Lightning checkpoints), so a resumed run sees exactly the labels an uninterrupted run would
+have seen, and ranks draw different labels without a distributed sampler.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class PredictConditions(IterableDataset):
     ``range(num_samples)``, in order, as batches ``{"conditions": labels (B,), "index": global indices (B,)}``.
 
     The global indices are cut into batches of ``batch_size`` first and ranks take contiguous blocks of whole
-    batches (:func:`~dimo_lightning.evaluation.callbacks.common.rank_batches`): a batch, and so its samples (seeded by its first
+    batches (:func:`~dimo_lightning.core.sharding.rank_batches`): a batch, and so its samples (seeded by its first
     index), is the same on any number of ranks. The label of global index i is ``i % num_classes`` (balanced, class
     order). The rank is read when iterated (after the process group exists); being an IterableDataset, Lightning
     never re-shards it with a distributed sampler, so no sample is padded in twice (``use_distributed_sampler`` may

@@ -9,7 +9,7 @@ the same order as ``UVit2DModel.forward`` (diffusers ``models/unets/uvit_2d.py``
   embedding-noise sigma, noise scale, generator) -> logits (B, N, K)``. aMUSEd has no timestep input: it is accepted
   and ignored;
 * the student's embedding noise ``e' = sigma * scale * eps + sqrt(1 - sigma^2) * e`` on the output of ``embed``, as
-  for Meissonic (spec section 1.3);
+  for Meissonic (docs/method.md#student-input);
 * gradient checkpointing of every attention block (``gradient_checkpointing``). diffusers 0.42.1's own checkpointing
   path of this model calls the layer with keyword arguments through a ``*args``-only wrapper and raises a TypeError.
 

@@ -7,8 +7,8 @@ names follow the released state dict, so the released ``config.json`` builds a m
 1,006,946,304 parameters and the released safetensors load strictly. No diffusers import: attention runs through
 ``F.scaled_dot_product_attention`` (diffusers' attention-processor API broke the reference class at 0.40).
 
-Facts: ``shared/docs/teachers.md`` sections 2.2-2.4. Shapes: B batch, h x w token grid (N = h w), L text tokens,
-D = heads x head_dim inner width, K codebook size.
+The published layout and the checks against diffusers: docs/text-to-image.md#meissonictransformer. Shapes: B batch,
+h x w token grid (N = h w), L text tokens, D = heads x head_dim inner width, K codebook size.
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ class ConvMlmLayer(nn.Module):
 
 # ---- the model ------------------------------------------------------------------------------------------------------
 class MeissonicTransformer(nn.Module):
-    """Meissonic's text-conditional masked-token transformer (teachers.md 2.3-2.4).
+    """Meissonic's text-conditional masked-token transformer (the released ``transformer/`` of MeissonFlow/Meissonic).
 
     Arguments are the fields of the released ``transformer/config.json`` (defaults: the released 1B model).
 
@@ -547,7 +547,7 @@ class MeissonicTransformer(nn.Module):
                 teacher, student and aux always see 0 there; pass 0 to reproduce it (the default).
             emb_noise_sigma: scalar or (B,) sigma of the student's variance-preserving input perturbation
                 ``e' = sigma * scale * eps + sqrt(1 - sigma^2) * e``, applied to the output of ``embed`` at all image
-                positions, before the down-sampling (spec section 1.3).
+                positions, before the down-sampling (docs/method.md#student-input).
             emb_noise_scale: multiplies eps (1: the paper's absolute form).
             generator: random source of eps.
 

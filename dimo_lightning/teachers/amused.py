@@ -3,7 +3,7 @@
 Download (openrail++), e.g. ``huggingface-cli download amused/amused-512 --local-dir amused-512`` (or
 ``amused/amused-256``); the folder holds ``transformer/`` (diffusers ``UVit2DModel``), ``vqvae/`` (``VQModel``),
 ``text_encoder/`` (CLIP-L ``CLIPTextModelWithProjection``), ``tokenizer/`` (``CLIPTokenizer``), plus ``scheduler/``
-and ``model_index.json`` (not used). Facts: teachers.md section 3.
+and ``model_index.json`` (not used). Download and layout: docs/meissonic.md#what-to-download.
 
 The vocabulary (``codebook_size``; mask id ``vocab_size - 1``), the token grid (``sample_size``) and the
 micro-conditioning widths are read from ``transformer/config.json``; the image size follows from the VQ model's

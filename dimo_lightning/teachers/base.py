@@ -248,7 +248,7 @@ class MaskedTeacher(nn.Module, ABC):
 
 
 class ClassConditionalTeacher(MaskedTeacher):
-    """A teacher whose network is a :class:`~dimo_lightning.nn.MaskTransformer` conditioned on class labels.
+    """A teacher whose network is a :class:`~dimo_lightning.nn.transformer.MaskTransformer` conditioned on class labels.
 
     Subclasses set ``self.network`` (a MaskTransformer) and ``self.tokenizer`` (with ``decode(codes (B, h, w))``).
     The logits include the mask slot (V = K + 1), as MaskGIT's do; samplers exclude it.
@@ -308,7 +308,7 @@ class ClassConditionalTeacher(MaskedTeacher):
 
     def frozen_parameter_names(self) -> list[str]:
         # The tied token table (input embedding and output projection), the output bias and the positions:
-        # what the official code freezes with fix_emb_layer (spec section 4).
+        # what the official code freezes with fix_emb_layer (docs/method.md#official-defaults).
         return ["tok_emb.weight", "bias", "pos_emb"]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

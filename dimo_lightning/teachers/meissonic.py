@@ -2,7 +2,7 @@
 
 Download (Apache-2.0), e.g. ``huggingface-cli download MeissonFlow/Meissonic --local-dir Meissonic``; the folder
 holds ``transformer/``, ``vqvae/``, ``text_encoder/``, ``tokenizer/`` (and ``scheduler/``, ``model_index.json``,
-which are not used). Facts: teachers.md section 2, dimo-spec.md section 6.
+which are not used). Download, layout and memory: docs/meissonic.md.
 
 * ``transformer/``: :class:`~dimo_lightning.nn.meissonic.MeissonicTransformer` (config.json +
   diffusion_pytorch_model[.fp16].safetensors), loaded strictly.
@@ -27,7 +27,7 @@ from dimo_lightning.tokenizers.diffusers_vq import DiffusersVQTokenizer, read_di
 MEISSONIC_REPO = "MeissonFlow/Meissonic"
 AMUSED_REPOS = ("amused/amused-256", "amused/amused-512")
 # The negative prompt of Meissonic's inference script, which the official distillation uses as the teacher's
-# unconditional branch (distil_neg_prompt; dimo-spec.md section 6).
+# unconditional branch (distil_neg_prompt; docs/method.md#targets-and-the-divergence).
 MEISSONIC_NEGATIVE_PROMPT = (
     "worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, text, jpeg artifacts, "
     "signature, sketch, duplicate, ugly, identifying mark"

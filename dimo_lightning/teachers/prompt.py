@@ -5,8 +5,8 @@
 swap in cached embeddings of the empty prompt ("") or of the negative prompt; the network gets the micro-conditions
 and the (documented) timestep convention. :class:`PromptTeacher` adds the frozen text encoder: transformers
 ``CLIPTextModelWithProjection`` + tokenizer loaded with ``from_pretrained`` from a diffusers-layout folder
-(``transformer/``, ``text_encoder/``, ``tokenizer/``), run once per batch (spec section 6: penultimate hidden state
-and pooled projection).
+(``transformer/``, ``text_encoder/``, ``tokenizer/``), run once per batch (penultimate hidden state and pooled
+projection, as the official Meissonic distillation feeds them).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class TextConditionalTeacher(MaskedTeacher):
     The unconditional branch (``drop_condition`` True): for the teacher's own network (its CFG, in targets and in
     multi-step sampling) the negative-prompt embedding when ``negative_prompt`` is set, else the empty prompt's; for
     any other network (aux condition drop, a student) always the empty prompt's, as the official recipe does
-    (``distil_neg_prompt``; spec section 6). Both are computed once per device and cached.
+    (``distil_neg_prompt``; docs/method.md#targets-and-the-divergence). Both are computed once per device and
+    cached.
 
     Args:
         grid_size: token grid side (N = grid_size^2).
@@ -146,7 +147,8 @@ class TextConditionalTeacher(MaskedTeacher):
                        emb_noise_scale, generator)
 
     def frozen_parameter_names(self) -> list[str]:
-        # The official fix_emb_layer freezes the whole token embedding and the MLM head (spec section 4).
+        # The official fix_emb_layer freezes the whole token embedding and the MLM head
+        # (docs/method.md#official-defaults).
         return [n for n, _ in self.network.named_parameters() if n.startswith(("embed.", "mlm_layer."))]
 
     # ---- images ----------------------------------------------------------------------------------------------------
@@ -162,7 +164,8 @@ class PromptTeacher(TextConditionalTeacher):
     :meth:`MeissonicTransformer.from_pretrained`), ``text_encoder/`` (a transformers
     ``CLIPTextModelWithProjection``) and ``tokenizer/`` (any transformers tokenizer folder: ``AutoTokenizer``).
     Prompts are padded / truncated to ``max_length`` tokens; the hidden states are the encoder's penultimate layer
-    (``hidden_states[-2]``, no final LayerNorm) and the pooled embedding its ``text_embeds`` (spec section 6).
+    (``hidden_states[-2]``, no final LayerNorm) and the pooled embedding its ``text_embeds``, as in the official
+    Meissonic distillation.
 
     Args:
         path: the teacher folder; None loads the shipped captioned-MNIST teacher (``assets/mnist_t2i_teacher``,

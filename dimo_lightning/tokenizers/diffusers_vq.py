@@ -1,6 +1,6 @@
 """The VQ image tokenizer of Meissonic and aMUSEd: a diffusers ``VQModel`` (``vqvae/`` folder), decode only.
 
-Layout of the published folder (teachers.md 2.6 and 3.4): ``config.json`` plus
+Layout of the published folder (docs/meissonic.md#what-to-download): ``config.json`` plus
 ``diffusion_pytorch_model.safetensors`` (or its ``.fp16.safetensors`` variant). The weights load strictly (a missing,
 unexpected or mis-shaped key fails with the file named); the encoder and ``quant_conv`` are then dropped, because
 distillation is data-free and only the codes -> image path runs (the official code deletes ``vqvae.encoder`` too).

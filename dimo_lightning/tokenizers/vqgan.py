@@ -457,7 +457,8 @@ class VQGANTokenizer(nn.Module):
 
     @classmethod
     def from_folder(cls, path: str | Path, keep_encoder: bool = False) -> VQGANTokenizer:
-        """Load a taming VQGAN folder (``model.yaml`` + ``last.ckpt``, or ``configs/model.yaml`` + ``ckpts/last.ckpt``).
+        """Load a taming VQGAN folder: ``model.yaml`` + ``last.ckpt`` in it, or taming's own layout, a ``configs``
+        subfolder with ``model.yaml`` and a ``ckpts`` subfolder with ``last.ckpt``.
 
         The weights are read memory-mapped and loaded strictly after dropping the ``loss.*`` keys; the result is in
         eval mode with ``requires_grad`` False.
