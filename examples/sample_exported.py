@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the custom tokenizer of custom_teacher.py, if used
 
-from dimo_lightning.inference.export import image_grid, load_student, parse_labels, save_png  # noqa: E402
+from dimo_lightning.commands.sample import image_grid, parse_labels, save_png  # noqa: E402
+from dimo_lightning.inference.export import load_student  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:

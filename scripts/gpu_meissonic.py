@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
     """(B, 3, H, W) in [0, 1] -> one PNG row."""
-    from dimo_lightning.inference.export import image_grid, save_png
+    from dimo_lightning.commands.sample import image_grid, save_png
 
     save_png(image_grid(images.cpu(), ncol=images.shape[0]), path)
 

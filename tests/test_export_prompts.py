@@ -131,9 +131,10 @@ def test_export_folder_holds_the_text_encoder_and_its_record(trained):
 def test_dimo_sample_with_prompts_writes_pngs_grid_and_npz(trained, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    import dimo_lightning.inference.export
+    import dimo_lightning.commands.sample
 
-    monkeypatch.setattr(dimo_lightning.inference.export, "GRID_MAX_ROWS", 2)  # a long prompt file: the grid shows the first
+    # a long prompt file: the grid shows the first
+    monkeypatch.setattr(dimo_lightning.commands.sample, "GRID_MAX_ROWS", 2)
     out = trained["export"]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("".join(f"{p}\n" for p in PROMPTS[:3]))

@@ -38,8 +38,8 @@ from dimo_lightning.training.progress import GeneratorStepProgressBar
 # `dimo <name> ...` for commands outside LightningCLI: name -> "module:function" (imported only when used). The
 # function's typed signature and Google docstring become the command's flags and help.
 SUBCOMMANDS: dict[str, str] = {
-    "export": "dimo_lightning.inference.export:export_command",
-    "sample": "dimo_lightning.inference.export:sample_command",
+    "export": "dimo_lightning.commands.export:export_command",
+    "sample": "dimo_lightning.commands.sample:sample_command",
     "stats": "dimo_lightning.commands.stats:stats",
 }
 
