@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", type=Path, default=Path("grid.png"))
     args = parser.parse_args(argv)
 
-    sampler = load_student(args.student)
+    pipeline = load_student(args.student)
     labels = torch.tensor(parse_labels(args.labels)).repeat_interleave(args.num)
-    images = sampler(labels, seed=args.seed)  # (M, C, H, W) in [0, 1]
+    images = pipeline(labels, seed=args.seed)  # (M, C, H, W) in [0, 1]
     save_png(image_grid(images, ncol=args.num), args.output)
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning"))
     print(f"wrote {len(images)} samples to {args.output}; Lightning modules imported: {loaded or 'none'}")

@@ -73,16 +73,16 @@ def test_export_round_trip_identical_logits_and_samples(trained, tmp_path):
     assert config["sampling"]["temperature"] == 0.8 and config["sampling"]["top_k"] == 12
     assert config["teacher"]["class_path"] == "dimo_lightning.teachers.mnist.MNISTTeacher"
     assert (out / "tokenizer.safetensors").is_file()  # the PatchVQ codebook travels with the student
-    sampler = load_student(out)
+    pipeline = load_student(out)
     labels = torch.tensor([0, 3, 9, 9, 1])
     for seed in (0, 1):
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         expected = module.student_logits(ema, labels, 0.6, module.hparams.emb_noise_sigma, g1)
-        torch.testing.assert_close(sampler.logits(labels, g2), expected, rtol=0, atol=0)
+        torch.testing.assert_close(pipeline.logits(labels, g2), expected, rtol=0, atol=0)
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         codes = module.generate(labels, network=ema, generator=g1)
-        assert torch.equal(sampler.sample_codes(labels, g2), codes)
-        assert torch.equal(sampler(labels, seed=seed), module.teacher.decode(
+        assert torch.equal(pipeline.sample_codes(labels, g2), codes)
+        assert torch.equal(pipeline(labels, seed=seed), module.teacher.decode(
             module.generate(labels, network=ema, generator=torch.Generator().manual_seed(seed))))
     # --ema false exports the raw student
     raw = load_file(str(export_student(trained["ckpt"], tmp_path / "raw", ema=False) / "model.safetensors"))
@@ -110,8 +110,8 @@ def test_load_student_imports_no_lightning(trained, tmp_path):
     code = (
         "import sys, torch\n"
         "from dimo_lightning.inference.export import load_student\n"
-        f"sampler = load_student({str(out)!r})\n"
-        "images = sampler(torch.tensor([0, 1, 2]), seed=0)\n"
+        f"pipeline = load_student({str(out)!r})\n"
+        "images = pipeline(torch.tensor([0, 1, 2]), seed=0)\n"
         "assert images.shape == (3, 1, 28, 28), images.shape\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
         "print('LIGHTNING', bad)\n"
@@ -134,8 +134,8 @@ def test_dimo_sample_writes_pngs_grid_and_npz(trained, tmp_path, capsys):
 
     assert Image.open(tmp_path / "s" / "grid.png").size == (8 * 30 + 2, 3 * 30 + 2)  # a row per label
     # seeded: batch i uses seed + i, so the first batch equals a direct call
-    sampler = load_student(out)
-    first = sampler(torch.tensor([0, 0, 0, 0, 0]), seed=0)[:, 0].numpy()
+    pipeline = load_student(out)
+    first = pipeline(torch.tensor([0, 0, 0, 0, 0]), seed=0)[:, 0].numpy()
     np.testing.assert_array_equal(data["images"][:5], first)
 
 

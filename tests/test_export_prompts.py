@@ -24,7 +24,7 @@ from dimo_lightning.commands.cli import main
 from dimo_lightning.data.labels import ClassLabelDataModule
 from dimo_lightning.data.prompts import PromptDataModule
 from dimo_lightning.inference.export import export_student, load_student
-from dimo_lightning.inference.prompt_export import PromptSampler, text_encoder_source
+from dimo_lightning.inference.prompt_export import PromptConditioner, text_encoder_source
 from dimo_lightning.teachers.mnist import MNISTTeacher
 from dimo_lightning.teachers.prompt import PromptTeacher
 from dimo_lightning.training.ema import StudentEMA, evaluation_student
@@ -68,13 +68,13 @@ def test_reloaded_without_lightning_gives_the_ema_students_logits(trained, tmp_p
         "import sys, torch\n"
         "from safetensors.torch import save_file\n"
         "from dimo_lightning.inference.export import load_student\n"
-        f"sampler = load_student({str(out)!r})\n"
+        f"pipeline = load_student({str(out)!r})\n"
         f"prompts = {PROMPTS!r}\n"
         "tensors = {}\n"
         "for seed in (0, 1):\n"
-        "    tensors[f'logits{seed}'] = sampler.logits(prompts, torch.Generator().manual_seed(seed))\n"
-        "    tensors[f'codes{seed}'] = sampler.sample_codes(prompts, torch.Generator().manual_seed(seed))\n"
-        "tensors['images'] = sampler(prompts, seed=0)\n"
+        "    tensors[f'logits{seed}'] = pipeline.logits(prompts, torch.Generator().manual_seed(seed))\n"
+        "    tensors[f'codes{seed}'] = pipeline.sample_codes(prompts, torch.Generator().manual_seed(seed))\n"
+        "tensors['images'] = pipeline(prompts, seed=0)\n"
         f"save_file(tensors, {str(result)!r})\n"
         "print('LIGHTNING', sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
     )
@@ -120,12 +120,13 @@ def test_export_folder_holds_the_text_encoder_and_its_record(trained):
     exported = load_file(str(out / "text_encoder" / "model.safetensors"))
     for key, value in teacher.text_encoder.state_dict().items():
         assert torch.equal(exported[key], value), key
-    sampler = load_student(out)
-    assert isinstance(sampler, PromptSampler)
-    ids = sampler.text_tokenizer(PROMPTS, padding="max_length", max_length=8, truncation=True)["input_ids"]
-    assert ids == teacher.text_tokenizer(PROMPTS, padding="max_length", max_length=8, truncation=True)["input_ids"]
+    pipeline = load_student(out)
+    assert isinstance(pipeline.conditioner, PromptConditioner) and pipeline.conditioning_type == "prompt"
+    ids = pipeline.conditioner.text_tokenizer(PROMPTS, padding="max_length", max_length=8, truncation=True)
+    assert ids["input_ids"] == teacher.text_tokenizer(PROMPTS, padding="max_length", max_length=8,
+                                                      truncation=True)["input_ids"]
     with pytest.raises(ValueError, match="text-to-image student"):
-        sampler.logits(torch.tensor([0, 1]))
+        pipeline.logits(torch.tensor([0, 1]))
 
 
 def test_dimo_sample_with_prompts_writes_pngs_grid_and_npz(trained, tmp_path, capsys, monkeypatch):

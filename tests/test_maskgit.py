@@ -247,5 +247,5 @@ def test_dimo_fit_with_imagenet_config_end_to_end(released: dict, tmp_path: Path
     assert ema  # StudentEMA's average travels in the model's state dict
     for key, value in ema.items():
         assert torch.equal(as_teacher.network.state_dict()[key], value), key
-    sampler = load_student(out)
-    assert sampler(torch.tensor([0, 9]), seed=0).shape == (2, 3, RES, RES)
+    pipeline = load_student(out)
+    assert pipeline(torch.tensor([0, 9]), seed=0).shape == (2, 3, RES, RES)

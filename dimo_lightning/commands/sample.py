@@ -69,8 +69,8 @@ def sample_command(
         raise ValueError(f"--num and --batch_size must be >= 1, got {num} and {batch_size}")
     if prompts is not None and prompt is not None:
         raise ValueError("give --prompts FILE or --prompt TEXT, not both")
-    sampler = load_student(student, device)
-    text_student = sampler.conditioning_type == "prompt"
+    pipeline = load_student(student, device)
+    text_student = pipeline.conditioning_type == "prompt"
     if text_student:
         if labels is not None:
             raise ValueError(f"--labels: {student} is a text-to-image student; give --prompts FILE or --prompt TEXT")
@@ -80,10 +80,10 @@ def sample_command(
     else:
         if prompts is not None or prompt is not None:
             flag = "--prompts" if prompts is not None else "--prompt"
-            raise ValueError(f"{flag}: {student} is a class-conditional student ({sampler.num_classes} classes); "
-                             "give --labels")
+            raise ValueError(f"{flag}: {student} is a class-conditional student "
+                             f"({pipeline.conditioner.num_classes} classes); give --labels")
         requested = parse_labels("0" if labels is None else labels)
-        sampler.check_labels(torch.tensor(requested), flag="--labels")
+        pipeline.conditioner.check_labels(torch.tensor(requested), flag="--labels")
     # condition-major: a grid row per condition
     conditions = [c for c in requested for _ in range(num)]
     rows = min(len(requested), GRID_MAX_ROWS) if text_student else len(requested)
@@ -97,8 +97,8 @@ def sample_command(
     grid_images = []
     for i, start in enumerate(range(0, len(conditions), batch_size)):
         batch = conditions[start:start + batch_size]
-        images = sampler(batch if text_student else torch.tensor(batch), seed=seed + i,
-                         temperature=temperature).cpu().float()  # (b, C, H, W)
+        images = pipeline(batch if text_student else torch.tensor(batch), seed=seed + i,
+                          temperature=temperature).cpu().float()  # (b, C, H, W)
         for k, (image, condition) in enumerate(zip(images, batch), start=start):
             if text_student:
                 save_png(image, png_dir / f"{k:06d}.png", text={"prompt": condition})

@@ -13,10 +13,12 @@
 * for a prompt (text-to-image) student also ``DIR/text_encoder/`` and ``DIR/text_tokenizer/``, the teacher's frozen
   text encoder and its tokenizer (see :mod:`dimo_lightning.inference.prompt_export`).
 
-:func:`load_student` rebuilds a ready :class:`OneStepSampler` (a ``PromptSampler`` for prompt students) from such a
-folder. This module imports torch, safetensors and the network/tokenizer classes only: never Lightning (checked by a
-test through ``sys.modules``). The commands ``dimo export`` and ``dimo sample`` live in
-:mod:`dimo_lightning.commands.export` and :mod:`dimo_lightning.commands.sample`.
+:func:`load_student` rebuilds a ready :class:`~dimo_lightning.inference.pipeline.OneStepPipeline` from such a
+folder (with a :class:`~dimo_lightning.inference.pipeline.LabelConditioner`, or a
+:class:`~dimo_lightning.inference.prompt_export.PromptConditioner` for prompt students). This module imports torch,
+safetensors and the network/tokenizer classes only: never Lightning (checked by a test through ``sys.modules``).
+The commands ``dimo export`` and ``dimo sample`` live in :mod:`dimo_lightning.commands.export` and
+:mod:`dimo_lightning.commands.sample`.
 """
 
 from __future__ import annotations
@@ -32,11 +34,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dimo_lightning.core.masking import parse_range
 from dimo_lightning.core.weight_files import load_state_dict_checked
-from dimo_lightning.inference.pipeline import OneStepSampler
+from dimo_lightning.inference.pipeline import LabelConditioner, OneStepPipeline, SamplingDefaults
 from dimo_lightning.inference.prompt_export import (
-    PromptSampler,
+    PromptConditioner,
     export_prompt_conditioning,
     load_prompt_encoder,
     prompt_conditioning_record,
@@ -145,21 +146,6 @@ def student_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> t
     return raw, "student"
 
 
-def sampling_defaults(hparams: Mapping[str, Any], emb_noise_scale: float) -> dict[str, Any]:
-    """The one-step sampling settings DiMOModule.generate uses at evaluation, from its hyperparameters."""
-    low, high = parse_range(hparams.get("r_init", 0.6), "r_init")
-    r_init = hparams.get("sample_r_init")
-    sigma = hparams.get("sample_emb_noise_sigma")
-    return {
-        "r_init": float(r_init) if r_init is not None else (low + high) / 2,
-        "emb_noise_sigma": float(sigma) if sigma is not None else float(hparams.get("emb_noise_sigma", 0.1)),
-        "emb_noise_scale": float(emb_noise_scale),
-        "temperature": float(hparams.get("sample_temperature", 1.0)),
-        "top_k": int(hparams.get("student_top_k", 0)),
-        "top_p": float(hparams.get("student_top_p", 0.0)),
-    }
-
-
 def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None = None,
                    format: Literal["dimo", "diffusers"] = "dimo") -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.safetensors``) of a checkpoint's student, or with
@@ -221,7 +207,7 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
         "network": records["network"],
         "conditioning": conditioning,
         "tokenizer": tokenizer,
-        "sampling": sampling_defaults(hparams, records["emb_noise_scale"]),
+        "sampling": SamplingDefaults.from_hparams(hparams, records["emb_noise_scale"]).to_dict(),
         "teacher": teacher if isinstance(teacher, Mapping) else None,
         "generator_step": int((checkpoint.get("dimo") or {}).get("generator_step", 0)),
         "checkpoint": str(Path(ckpt_path).resolve()),
@@ -266,7 +252,7 @@ def export_diffusers_transformer(checkpoint: Mapping[str, Any], records: Mapping
         "transformer": DIFFUSERS_SUBFOLDER,
         "weights_source": source,
         "network_class": network_info["class_path"],
-        "sampling": sampling_defaults(hparams, records.get("emb_noise_scale", 1.0)),
+        "sampling": SamplingDefaults.from_hparams(hparams, records.get("emb_noise_scale", 1.0)).to_dict(),
         "teacher": teacher if isinstance(teacher, Mapping) else None,
         "generator_step": int((checkpoint.get("dimo") or {}).get("generator_step", 0)),
         "checkpoint": str(Path(ckpt_path).resolve()),
@@ -308,8 +294,10 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_student(directory: str | Path, device: str | torch.device = "cpu") -> OneStepSampler:
-    """A ready :class:`OneStepSampler` from a ``dimo export`` folder (no Lightning import)."""
+def load_student(directory: str | Path, device: str | torch.device = "cpu") -> OneStepPipeline:
+    """A ready :class:`~dimo_lightning.inference.pipeline.OneStepPipeline` from a ``dimo export`` folder (no
+    Lightning import): the student network, its conditioner (class labels, or prompts through the exported text
+    encoder), its tokenizer and the exported sampling defaults."""
 
     folder = Path(directory)
     config = read_export_config(folder)
@@ -322,15 +310,17 @@ def load_student(directory: str | Path, device: str | torch.device = "cpu") -> O
     except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read the student weights {weights_path}: {err}") from err
     load_state_dict_checked(network, state, str(weights_path), hint=f"Is {folder / CONFIG_FILE} its config?")
+    network.eval().requires_grad_(False)
     tokenizer = build_tokenizer(config["tokenizer"], folder)
     if getattr(tokenizer, "codebook_size", getattr(tokenizer, "n_embed", None)) not in (None, network.codebook_size):
         raise ValueError(f"the tokenizer of {folder} has a codebook of a different size than the student's "
                          f"({network.codebook_size} codes)")
     conditioning = config["conditioning"]
     if conditioning.get("type") == "prompt":
-
         text_encoder, text_tokenizer = load_prompt_encoder(conditioning, folder)
-        return PromptSampler(network, tokenizer, text_encoder, text_tokenizer, conditioning,
-                             config["sampling"]).to(device)
-    sampler = OneStepSampler(network, tokenizer, int(conditioning["num_classes"]), config["sampling"])
-    return sampler.to(device)
+        conditioner = PromptConditioner(tokenizer, text_encoder, text_tokenizer, conditioning,
+                                        network.codebook_size, network.mask_id)
+    else:
+        conditioner = LabelConditioner(tokenizer, int(conditioning["num_classes"]), network.grid_size,
+                                       network.codebook_size, network.mask_id)
+    return OneStepPipeline(network, conditioner, SamplingDefaults.from_dict(config["sampling"])).to(device)

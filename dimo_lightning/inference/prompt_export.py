@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from dimo_lightning.core.conditions import TextCondition
-from dimo_lightning.inference.pipeline import OneStepSampler
 from dimo_lightning.teachers.prompt import encode_with_clip, load_clip_text_encoder
 
 TEXT_ENCODER_DIR = "text_encoder"
@@ -188,29 +187,31 @@ def encode_prompts(encoder: nn.Module, tokenizer: Any, prompts: list[str], condi
     return cond.to(device)
 
 
-class PromptSampler(OneStepSampler):
-    """An exported prompt student: prompts -> the frozen text encoder -> one student forward -> image codes.
-
-    Mirrors ``DiMOModule.generate`` with a prompt teacher draw for draw (the same generator gives the same codes).
+class PromptConditioner(nn.Module):
+    """Prompts and the tokenizer of an exported prompt student: prompts -> the frozen text encoder -> the
+    TextCondition the student network consumes (as the teacher builds it); codes -> images.
 
     Args:
-        network: the student (a :class:`~dimo_lightning.nn.meissonic.MeissonicTransformer`).
         tokenizer: decodes codes (B, h, w) to images (B, C, H, W) in [0, 1].
         text_encoder: the teacher's ``CLIPTextModelWithProjection``.
         text_tokenizer: its tokenizer.
         conditioning: the ``conditioning`` entry of config.json (``max_length``, ``micro_conds``, ``timestep``,
             ``grid_size``).
-        sampling: see :class:`~dimo_lightning.inference.export.OneStepSampler`.
+        codebook_size: K, the image codes.
+        mask_id: id of the mask token.
     """
 
-    def __init__(self, network: nn.Module, tokenizer: nn.Module, text_encoder: nn.Module, text_tokenizer: Any,
-                 conditioning: Mapping[str, Any], sampling: Mapping[str, Any]) -> None:
-        super().__init__(network, tokenizer, 0, sampling)
+    conditioning_type = "prompt"  # what config.json["conditioning"]["type"] says
+
+    def __init__(self, tokenizer: nn.Module, text_encoder: nn.Module, text_tokenizer: Any,
+                 conditioning: Mapping[str, Any], codebook_size: int, mask_id: int) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.text_tokenizer = text_tokenizer
         self.conditioning = dict(conditioning)
-
-    conditioning_type = "prompt"
+        self.codebook_size = int(codebook_size)
+        self.mask_id = int(mask_id)
 
     @property
     def grid_size(self) -> int:
@@ -220,26 +221,36 @@ class PromptSampler(OneStepSampler):
     def seq_len(self) -> int:
         return self.grid_size ** 2
 
-    def encode(self, prompts: Sequence[str] | str) -> TextCondition:
-        """Prompts (B strings) -> TextCondition on the sampler's device."""
-        prompts = check_prompts(prompts)
-        return encode_prompts(self.text_encoder, self.text_tokenizer, prompts, self.conditioning, self.device)
+    @property
+    def timestep(self) -> float:
+        return float(self.conditioning.get("timestep", 0.0))
 
-    def prepare(self, conditions: Any) -> TextCondition:
+    def encode(self, prompts: Sequence[str] | str) -> TextCondition:
+        """Prompts (B strings) -> TextCondition on the text encoder's device."""
+        prompts = check_prompts(prompts)
+        device = next(self.text_encoder.parameters()).device
+        return encode_prompts(self.text_encoder, self.text_tokenizer, prompts, self.conditioning, device)
+
+    def encode_condition(self, conditions: Any) -> TextCondition:
         if isinstance(conditions, TextCondition):
-            return conditions.to(self.device)
+            return conditions
         if isinstance(conditions, torch.Tensor):
             raise ValueError("this is a text-to-image student: give prompts (strings), not class labels")
         return self.encode(conditions)
 
-    def condition_size(self, cond: TextCondition) -> int:
+    def condition_batch_size(self, cond: TextCondition) -> int:
         return cond.batch_size
 
-    def apply_network(self, codes: torch.Tensor, cond: TextCondition, settings: Mapping[str, Any],
-                      generator: torch.Generator | None) -> torch.Tensor:
-        return self.network(codes, cond.hidden_states, cond.pooled, cond.micro_conds,
-                            float(self.conditioning.get("timestep", 0.0)), settings["emb_noise_sigma"],
-                            settings["emb_noise_scale"], generator)
+    def apply_network(self, network: nn.Module, codes: torch.Tensor, cond: TextCondition,
+                      drop_condition: torch.Tensor | None = None, emb_noise_sigma: float = 0.0,
+                      emb_noise_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        if drop_condition is not None:
+            raise ValueError("an exported prompt student samples without guidance: no dropped conditions")
+        return network(codes, cond.hidden_states, cond.pooled, cond.micro_conds, self.timestep, emb_noise_sigma,
+                       emb_noise_scale, generator)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.decode(codes.reshape(-1, self.grid_size, self.grid_size))
 
     def check_labels(self, labels: Any, flag: str = "labels") -> torch.Tensor:
         raise ValueError(f"{flag}: this is a text-to-image student; give prompts (--prompts FILE or --prompt TEXT)")

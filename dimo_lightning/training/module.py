@@ -44,6 +44,7 @@ from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.core.soft_embedding import soft_probabilities
 from dimo_lightning.core.teacher_sampling import TeacherSampling
 from dimo_lightning.inference.export import checkpoint_records
+from dimo_lightning.inference.pipeline import OneStepPipeline, SamplingDefaults
 from dimo_lightning.objectives.coverage import (
     RealFeatureBank,
     bank_rows,
@@ -334,6 +335,11 @@ class DiMOModule(pl.LightningModule):
         x_init = hybrid_initial_sequence(b, t.seq_len, t.codebook_size, r_init, t.mask_id, generator, self.device)
         return t.apply_network(network, x_init, cond, None, sigma, self.emb_noise_scale, generator)
 
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The evaluation sampling settings (``sample_*``, ``student_top_k/p``): what ``generate`` and an export
+        of this module sample with."""
+        return SamplingDefaults.from_hparams(self.hparams, self.emb_noise_scale)
+
     @torch.no_grad()
     def generate(
         self,
@@ -344,29 +350,16 @@ class DiMOModule(pl.LightningModule):
         sigma: float | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """One-step sampling: codes (B, N) in [0, K) from the student (or ``network``, e.g. its EMA).
+        """One-step sampling: codes (B, N) in [0, K) from the student (or ``network``, e.g. its EMA) for the encoded
+        conditions ``cond``, through :class:`~dimo_lightning.inference.pipeline.OneStepPipeline`.
 
-        Runs the network in eval mode; defaults come from the ``sample_*`` arguments.
+        Runs the network in eval mode; defaults come from :meth:`sampling_defaults`.
         """
-        hp = self.hparams
-        network = self.student if network is None else network
-        low, high = self.r_init_range
-        r_init = hp.sample_r_init if r_init is None else r_init
-        r_init = (low + high) / 2 if r_init is None else r_init
-        sigma = (hp.sample_emb_noise_sigma if hp.sample_emb_noise_sigma is not None else hp.emb_noise_sigma) if (
-            sigma is None
-        ) else sigma
+        pipeline = OneStepPipeline.from_teacher(self.teacher, self.student if network is None else network,
+                                                self.sampling_defaults(), self.device)
         generator = generator or self._generator(self.iteration_seed(-1))
-        was_training = network.training
-        network.eval()
-        try:
-            logits = self.student_logits(network, cond, r_init, sigma, generator)
-        finally:
-            network.train(was_training)
-        t = self.teacher
-        exclude = tuple(range(t.codebook_size, logits.shape[-1]))  # never emit the mask slot at inference
-        return sample_tokens(logits, temperature or hp.sample_temperature, hp.student_top_k, hp.student_top_p,
-                             exclude, generator)
+        return pipeline.sample_codes(cond=cond, generator=generator, temperature=temperature, r_init=r_init,
+                                     emb_noise_sigma=sigma)
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------------
     @override
@@ -897,12 +890,14 @@ class DiMOModule(pl.LightningModule):
         # seeded by the first global index when known: the same samples on any number of ranks
         offset = int(index[0]) if index is not None and len(index) else self.global_rank * 7_919 + batch_idx
         generator = self._generator(derive_seed(hp.predict_seed, salt=offset, modulus=SAMPLE_SEED_MODULUS))
+        pipeline = OneStepPipeline.from_teacher(self.teacher, evaluation_student(self), self.sampling_defaults(),
+                                                self.device)
         if hp.predict_with == "teacher":
             codes = self.teacher.sample(cond, generator=generator,
                                         **self.teacher_sampling.sample_kwargs(hp.teacher_cfg_scale))
         else:
-            codes = self.generate(cond, network=evaluation_student(self), generator=generator)
-        out = {"images": self.teacher.decode(codes).float(), "labels": conditions}
+            codes = pipeline.sample_codes(cond=cond, generator=generator)
+        out = {"images": pipeline.decode(codes), "labels": conditions}
         return out if index is None else {**out, "index": index}
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
