@@ -18,6 +18,7 @@ import dimo_lightning.inference.prediction_writer as writer_module
 from dimo_lightning.data.labels import ClassLabelDataModule
 from dimo_lightning.evaluation.callbacks.evaluation_report import EvaluationReport
 from dimo_lightning.evaluation.callbacks.fid_monitor import FIDMonitor
+from dimo_lightning.inference.pipeline import OneStepPipeline
 from dimo_lightning.teachers.mnist import MNISTTeacher
 from dimo_lightning.training.module import DiMOModule
 
@@ -71,7 +72,7 @@ def main(out_dir: str) -> None:
             return function(*args, **kwargs)
         return wrapped
 
-    module.generate = count("student", module.generate)
+    OneStepPipeline.sample_codes = count("student", OneStepPipeline.sample_codes)
     module.teacher.sample = count("teacher", module.teacher.sample)
     fid = next(c for c in callbacks if isinstance(c, FIDMonitor))
     computed = []

@@ -195,8 +195,15 @@ def test_diagnostic_is_zero_for_a_student_that_ignores_its_input(tiny_teacher):
     generator = torch.Generator().manual_seed(1)
     x_init = torch.randint(0, 16, (40, 49), generator=generator)
     ratios = torch.rand(40, generator=generator)
-    sums, counts = consistency_kl_by_band(net(x_init, cond), lambda codes: net(codes, cond), ratios, mask_id=16,
-                                          num_codes=16, edges=[0.0, 0.3, 0.7, 1.0], generator=generator)
+
+    def remasked_sample(init_logits):  # x ~ softmax over the 16 codes, re-masked at the drawn ratios
+        x = sample_tokens(init_logits[..., :16], generator=generator)
+        return mask_tokens(x, ratios, 16, generator)
+
+    init = net(x_init, cond)
+    x_t, mask = remasked_sample(init)
+    sums, counts = consistency_kl_by_band(init, lambda codes: net(codes, cond), x_t, mask, num_codes=16,
+                                          edges=[0.0, 0.3, 0.7, 1.0])
     assert counts.sum() == 40 and (counts > 0).all()
     assert torch.equal(sums, torch.zeros(3))
 
@@ -204,8 +211,9 @@ def test_diagnostic_is_zero_for_a_student_that_ignores_its_input(tiny_teacher):
     t = tiny_teacher
     with torch.no_grad():
         init = t.apply_network(t.network.eval(), x_init, cond)
-        sums, counts = consistency_kl_by_band(init, lambda codes: t.apply_network(t.network, codes, cond), ratios,
-                                              t.mask_id, t.codebook_size, [0.0, 0.3, 0.7, 1.0], generator)
+        x_t, mask = remasked_sample(init)
+        sums, counts = consistency_kl_by_band(init, lambda codes: t.apply_network(t.network, codes, cond), x_t, mask,
+                                              t.codebook_size, [0.0, 0.3, 0.7, 1.0])
     assert (sums / counts > 1e-4).all()
 
 

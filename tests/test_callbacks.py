@@ -16,6 +16,7 @@ from dimo_lightning.evaluation.callbacks.fid_monitor import FIDMonitor
 from dimo_lightning.evaluation.callbacks.sample_grid import SampleGrid
 from dimo_lightning.evaluation.metrics.image_sources import open_image_source
 from dimo_lightning.evaluation.report import REPORT_COLUMNS, load_reference
+from dimo_lightning.inference.pipeline import OneStepPipeline
 from dimo_lightning.inference.prediction_writer import SampleWriter, iter_prediction_shards, read_prediction_index
 from dimo_lightning.training.ema import StudentEMA, ema_rate, ema_update, evaluation_student
 from dimo_lightning.training.module import DiMOModule
@@ -136,16 +137,16 @@ def test_shards_of_the_evaluation():
     assert torch.equal(slice_conditions(torch.arange(5), 1, 3), torch.tensor([1, 2]))
 
 
-def test_sample_grid_batches_and_caps(tiny_teacher, tmp_path):
+def test_sample_grid_batches_and_caps(tiny_teacher, tmp_path, monkeypatch):
     module = DiMOModule(tiny_teacher, max_generator_steps=1, seed=0)
     calls = []
-    original = module.generate
+    original = OneStepPipeline.sample_codes
 
-    def counting_generate(cond, **kwargs):
-        calls.append(len(cond))
-        return original(cond, **kwargs)
+    def counting_sample_codes(self, conditions=None, generator=None, **kwargs):
+        calls.append(len(conditions))
+        return original(self, conditions, generator, **kwargs)
 
-    module.generate = counting_generate
+    monkeypatch.setattr(OneStepPipeline, "sample_codes", counting_sample_codes)
     grid = SampleGrid(samples_per_class=50, classes=[3, 1, 4, 1, 5], max_rows=4, max_columns=6, batch_size=7)
     t = trainer(tmp_path, [grid], max_epochs=1)
     t.strategy.connect(module)

@@ -225,7 +225,7 @@ def test_report_second_distance_matches_torch_fidelity(tiny_teacher, tmp_path, c
     import json
 
     from dimo_lightning.core.sharding import balanced_labels
-    from dimo_lightning.evaluation.callbacks.common import student_sampler
+    from dimo_lightning.evaluation.callbacks.common import student_pipeline
     from dimo_lightning.evaluation.callbacks.evaluation_report import EvaluationReport
     from dimo_lightning.evaluation.metrics.fidelity import compute_metrics
     from dimo_lightning.evaluation.report import generate_images, load_reference
@@ -239,8 +239,8 @@ def test_report_second_distance_matches_torch_fidelity(tiny_teacher, tmp_path, c
     payload = json.loads((tmp_path / "eval.json").read_text())
     assert payload["second_extractor"] == "mnist-dae" and payload["rows"][0]["fid2"] == pytest.approx(row.fid2)
     assert "FID (mnist-dae)" in (tmp_path / "eval.md").read_text() and "FID (mnist-dae)" in capsys.readouterr().out
-    sampler = student_sampler(module)
-    images, _ = generate_images(lambda labels, g: sampler(module.student, labels, g), tiny_teacher,
+    pipeline = student_pipeline(module, module.student)
+    images, _ = generate_images(lambda labels, g: pipeline.sample_codes(labels, g), tiny_teacher,
                                 balanced_labels(40, 10), 40, 5 * 1_000_003, torch.device("cpu"))
     reference, _ = load_reference("mnist-val")
     expected = compute_metrics(images, reference, extractor="mnist-dae")

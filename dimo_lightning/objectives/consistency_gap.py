@@ -18,9 +18,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dimo_lightning.core.masking import mask_tokens
-from dimo_lightning.core.sampling import sample_tokens
-
 
 def masked_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per row, the mean over masked positions of KL(softmax(p) || softmax(q)).
@@ -80,31 +77,24 @@ def bin_by_ratio(
 def consistency_kl_by_band(
     init_logits: torch.Tensor,
     remasked_logits: Callable[[torch.Tensor], torch.Tensor],
-    ratios: torch.Tensor,
-    mask_id: int,
+    x_t: torch.Tensor,
+    mask: torch.Tensor,
     num_codes: int,
     edges: Sequence[float],
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample x from the student's one-step logits, re-mask it, run the student again and bin the KL by ratio.
+    """Run the student again on a re-masked sample of its one-step logits and bin the KL by the masked share.
 
     Args:
         init_logits: (B, N, V) the student's logits on its initial sequence.
         remasked_logits: codes (B, N) -> (B, N, V), the student on a re-masked sample (same conditions).
-        ratios: (B,) mask ratios of the re-masking (exact counts max(1, round(N * ratio))).
-        mask_id: id of the mask token.
+        x_t: (B, N) a sample x drawn from ``init_logits``, re-masked (``core.masking.remask``).
+        mask: (B, N) bool, its masked positions.
         num_codes: K; the KL compares the distributions over the K codes (logit slots beyond, such as the mask
             slot, are dropped and the rest renormalized, as sampling never emits them).
         edges: mask-ratio band edges.
-        generator: random source of the sample and of the masked positions.
-        temperature: sampling temperature of x (the distributions compared are at temperature 1).
 
     Returns:
         (sums (K,), counts (K,)) of the per-sample KL per band, binned by the realised masked share.
     """
-    codes_logits = init_logits[..., :num_codes]
-    x = sample_tokens(codes_logits, temperature, generator=generator)  # (B, N)
-    x_t, mask = mask_tokens(x, ratios, mask_id, generator)
-    kl = masked_kl(remasked_logits(x_t)[..., :num_codes], codes_logits, mask)  # (B,)
+    kl = masked_kl(remasked_logits(x_t)[..., :num_codes], init_logits[..., :num_codes], mask)  # (B,)
     return bin_by_ratio(kl, mask.float().mean(1), edges)

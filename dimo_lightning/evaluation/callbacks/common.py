@@ -1,4 +1,5 @@
-"""Helpers shared by the evaluation callbacks: run directory, conditions, shards, extractor and reference caches."""
+"""Helpers shared by the evaluation callbacks: conditions, shards, the student's pipeline, extractor and reference
+caches."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from dimo_lightning.evaluation.metrics.features import (
     load_reference_stats,
 )
 from dimo_lightning.evaluation.metrics.image_sources import open_image_source
+from dimo_lightning.inference.pipeline import OneStepPipeline
+from dimo_lightning.training.ema import evaluation_student
 
 # ---------------------------------------------------------------- conditions (labels today, prompts later)
 
@@ -60,15 +63,11 @@ def gather_rows(pl_module: pl.LightningModule, rows: torch.Tensor, counts: list[
 # ---------------------------------------------------------------- sampling and networks
 
 
-def student_sampler(pl_module: pl.LightningModule, temperature: float | None = None):
-    """``(network, conditions, generator) -> codes`` sampling the module's student (or its EMA) in one step."""
-
-    def sample(network: nn.Module, conditions: Any, generator: torch.Generator) -> torch.Tensor:
-        cond = pl_module.teacher.encode_condition(conditions)
-        cond = cond.to(pl_module.device) if isinstance(cond, torch.Tensor) else cond
-        return pl_module.generate(cond, network=network, temperature=temperature, generator=generator)
-
-    return sample
+def student_pipeline(pl_module: pl.LightningModule, network: nn.Module | None = None) -> OneStepPipeline:
+    """The one-step pipeline of the module's (EMA) student (``network``: another one), with the module's sampling
+    defaults; ``pipeline.sample_codes(conditions, generator)`` samples raw conditions (labels or prompts)."""
+    network = evaluation_student(pl_module) if network is None else network
+    return OneStepPipeline.from_teacher(pl_module.teacher, network, pl_module.sampling_defaults(), pl_module.device)
 
 
 def load_accuracy_network(name: str | None, device: torch.device | str = "cpu") -> nn.Module | None:

@@ -9,10 +9,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from dimo_lightning.core.masking import MASK_SCHEDULES, sample_mask_ratio
+from dimo_lightning.core.conditions import move_condition
+from dimo_lightning.core.masking import MASK_SCHEDULES, remask
 from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.core.sharding import slice_conditions
 from dimo_lightning.evaluation.callbacks.common import evaluation_conditions
+from dimo_lightning.inference.one_step import StudentInput, TokenSampling, student_sample
 from dimo_lightning.objectives.consistency_gap import band_labels, consistency_kl_by_band
 
 
@@ -71,25 +73,28 @@ class ConsistencyMonitor(Callback):
         conditions = evaluation_conditions(trainer, pl_module, per_rank * world)  # labels or prompts
         labels = slice_conditions(conditions, rank * per_rank, (rank + 1) * per_rank)
         step = pl_module.generator_step
-        generator = torch.Generator(device=pl_module.device).manual_seed(
-            derive_seed(self.seed, rank, step, modulus=SAMPLE_SEED_MODULUS))
-        r_init = pl_module.draw_r_init(generator)
-        sigma = pl_module.current_sigma()
+        seed = derive_seed(self.seed, rank, step, modulus=SAMPLE_SEED_MODULUS)
+        generator = torch.Generator(device=pl_module.device).manual_seed(seed)
+        student_input = StudentInput(pl_module.draw_r_init(seed), pl_module.current_sigma(), pl_module.emb_noise_scale)
         student = pl_module.student
+        # x is drawn at the student's training temperature, from its K codes (never the mask slot); the distributions
+        # compared are at temperature 1.
+        sampling = TokenSampling(pl_module.hparams.student_temperature,
+                                 exclude=tuple(range(teacher.codebook_size, teacher.logit_width)))
         was_training = student.training
         student.eval()  # deterministic measurement: no dropout
         sums = torch.zeros(len(self.labels), device=pl_module.device)
         counts = torch.zeros(len(self.labels), device=pl_module.device)
         try:
             for start in range(0, len(labels), self.batch_size):
-                cond = teacher.encode_condition(slice_conditions(labels, start, start + self.batch_size))
-                cond = cond.to(pl_module.device) if isinstance(cond, torch.Tensor) else cond
-                init_logits = pl_module.student_logits(student, cond, r_init, sigma, generator)  # (B, N, V)
-                ratios = sample_mask_ratio(init_logits.shape[0], self.mask_schedule, generator, pl_module.device)
+                batch = slice_conditions(labels, start, start + self.batch_size)
+                cond = move_condition(teacher.encode_condition(batch), pl_module.device)
+                x, init_logits = student_sample(teacher, student, cond, student_input, sampling, generator,
+                                                pl_module.device)
+                x_t, mask, _ = remask(x, self.mask_schedule, teacher.mask_id, generator)
                 s, c = consistency_kl_by_band(
-                    init_logits, lambda codes, cond=cond: teacher.apply_network(student, codes, cond), ratios,
-                    teacher.mask_id, teacher.codebook_size, self.edges, generator,
-                    temperature=pl_module.hparams.student_temperature,
+                    init_logits, lambda codes, cond=cond: teacher.apply_network(student, codes, cond), x_t, mask,
+                    teacher.codebook_size, self.edges,
                 )
                 sums += s
                 counts += c

@@ -18,7 +18,7 @@ from dimo_lightning.evaluation.callbacks.common import (
     load_accuracy_network,
     shared_extractor,
     shared_reference,
-    student_sampler,
+    student_pipeline,
 )
 from dimo_lightning.evaluation.report import evaluation_row, format_table, sharded_sample_features, write_report
 from dimo_lightning.training.ema import evaluation_student
@@ -120,7 +120,7 @@ class EvaluationReport(Callback):
                        f"{self.num_samples} samples against {self.reference_spec} ...")
         conditions = evaluation_conditions(trainer, pl_module, self.num_samples)
         student = evaluation_student(pl_module)
-        sampler = student_sampler(pl_module)
+        pipeline = student_pipeline(pl_module, student)
 
         def teacher_codes(batch, generator, steps):
             cond = teacher.encode_condition(batch)
@@ -129,7 +129,7 @@ class EvaluationReport(Callback):
 
         rows = []
         runs = [("teacher", s, lambda b, g, s=s: teacher_codes(b, g, s)) for s in self.teacher_steps]
-        runs.append(("student", 1, lambda b, g: sampler(student, b, g)))
+        runs.append(("student", 1, lambda b, g: pipeline.sample_codes(b, g)))
         for name, steps, sample_codes in runs:
             samples = sharded_sample_features(pl_module, sample_codes, conditions, self.extractor, self.batch_size,
                                               self.seed, self.accuracy_network, self.second_extractor)

@@ -19,11 +19,10 @@ from dimo_lightning.evaluation.callbacks.common import (
     load_accuracy_network,
     shared_extractor,
     shared_reference,
-    student_sampler,
+    student_pipeline,
 )
 from dimo_lightning.evaluation.metrics.features import metrics_from_features
 from dimo_lightning.evaluation.report import sharded_sample_features
-from dimo_lightning.training.ema import evaluation_student
 
 
 class FIDMonitor(Callback):
@@ -166,11 +165,10 @@ class FIDMonitor(Callback):
         """This rank's share of samples -> gathered features -> metrics (rank zero's, on every rank)."""
 
         conditions = evaluation_conditions(trainer, pl_module, self.num_samples)
-        network = evaluation_student(pl_module)
-        sampler = student_sampler(pl_module, self.temperature)
+        pipeline = student_pipeline(pl_module)
         samples = sharded_sample_features(
-            pl_module, lambda cond, gen: sampler(network, cond, gen), conditions, self.extractor, self.batch_size,
-            self.seed, self.accuracy_network, self.second_extractor,
+            pl_module, lambda batch, gen: pipeline.sample_codes(batch, gen, temperature=self.temperature), conditions,
+            self.extractor, self.batch_size, self.seed, self.accuracy_network, self.second_extractor,
         )
         metrics = metrics_from_features(samples.features, self.reference, samples.logits)
         metrics = {"fid": metrics["fid"], "kid": metrics["kid"], "precision": metrics["precision"],

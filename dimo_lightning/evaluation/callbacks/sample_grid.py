@@ -14,8 +14,7 @@ from typing_extensions import override
 from dimo_lightning.core.run_directory import run_directory
 from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.core.sharding import batch_spans, slice_conditions
-from dimo_lightning.evaluation.callbacks.common import student_sampler
-from dimo_lightning.training.ema import evaluation_student
+from dimo_lightning.evaluation.callbacks.common import student_pipeline
 
 
 def grid_conditions(trainer: pl.Trainer, pl_module: pl.LightningModule, classes: Sequence[int] | None,
@@ -98,12 +97,13 @@ class SampleGrid(Callback):
         """The grid image (C, H, W) of the current (EMA) student: at most ``max_rows`` x ``max_columns`` samples."""
         rows = self.row_conditions(trainer, pl_module) if rows is None else rows
         conditions = repeat_each(rows, self.columns)
-        sampler, network = student_sampler(pl_module), evaluation_student(pl_module)
+        pipeline = student_pipeline(pl_module)
         images = []
         for index, (start, stop) in enumerate(batch_spans(len(conditions), self.batch_size)):
-            generator = torch.Generator(device=pl_module.device).manual_seed(derive_seed(self.seed, salt=index, modulus=SAMPLE_SEED_MODULUS))
-            codes = sampler(network, slice_conditions(conditions, start, stop), generator)
-            images.append(pl_module.teacher.decode(codes).float().cpu())
+            seed = derive_seed(self.seed, salt=index, modulus=SAMPLE_SEED_MODULUS)
+            codes = pipeline.sample_codes(slice_conditions(conditions, start, stop),
+                                          torch.Generator(device=pl_module.device).manual_seed(seed))
+            images.append(pipeline.decode(codes).cpu())
         return make_grid(torch.cat(images), nrow=self.columns, padding=2, pad_value=0.5)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
