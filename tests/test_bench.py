@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from dimo_lightning.commands.cli import main
 from dimo_lightning.data.labels import ClassLabelDataModule
 from dimo_lightning.evaluation.callbacks.fid_monitor import FIDMonitor
+from dimo_lightning.inference.pipeline import OneStepPipeline
 from dimo_lightning.nn.transformer import MaskTransformer, count_parameters
 from dimo_lightning.teachers.base import MaskedTeacher
 from dimo_lightning.training.module import DiMOModule
@@ -103,18 +104,18 @@ def test_dimo_bench_on_a_tiny_teacher_writes_the_schema(tmp_path, monkeypatch, c
     output = tmp_path / "out" / "bench.json"
     # Record how the bench calls the samplers: the teacher with the configured decoding, the student in blocks.
     teacher_calls, student_calls = [], []
-    original_sample, original_generate = MaskedTeacher.sample, DiMOModule.generate
+    original_sample, original_sample_codes = MaskedTeacher.sample, OneStepPipeline.sample_codes
 
     def recording_sample(self, cond, **kwargs):
         teacher_calls.append(kwargs)
         return original_sample(self, cond, **kwargs)
 
-    def recording_generate(self, cond, **kwargs):
+    def recording_sample_codes(self, *args, **kwargs):
         student_calls.append(len(teacher_calls))
-        return original_generate(self, cond, **kwargs)
+        return original_sample_codes(self, *args, **kwargs)
 
     monkeypatch.setattr(MaskedTeacher, "sample", recording_sample)
-    monkeypatch.setattr(DiMOModule, "generate", recording_generate)
+    monkeypatch.setattr(OneStepPipeline, "sample_codes", recording_sample_codes)
     main(["bench", "--config", str(ROOT / "configs/mnist/dimo.yaml"),
           f"--model.init_args.teacher.init_args.checkpoint={weights}",
           f"--model.init_args.teacher.init_args.codebook={codebook}", "--data.init_args.batch_size=4",

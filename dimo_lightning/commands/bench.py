@@ -45,8 +45,10 @@ from lightning.pytorch.callbacks import Callback
 
 from dimo_lightning.commands.cli import DiMOCLI
 from dimo_lightning.core.losses import aux_loss, generator_loss
-from dimo_lightning.core.masking import mask_tokens, sample_mask_ratio
-from dimo_lightning.core.sampling import sample_tokens
+from dimo_lightning.core.masking import remask
+from dimo_lightning.inference.one_step import StudentInput, TokenSampling, student_logits, student_sample
+from dimo_lightning.inference.pipeline import OneStepPipeline
+from dimo_lightning.training.module import DiMOModule
 
 SCHEMA_VERSION = 1
 TEACHER_STEPS = (1, 8, 16)
@@ -81,20 +83,6 @@ def memory_counters() -> tuple[int, float]:
     operator profile, and that can differ between a small and a large batch."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_minflt, usage.ru_stime
-
-
-def median_times(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], None]) -> Timing:
-    """Median wall and CPU seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - wall, time.process_time() - cpu))
-    return _medians(samples)
 
 
 class IterationTimer(Callback):
@@ -185,7 +173,7 @@ class BenchSetup:
         # The bench drives its own iterations: never let the module's step limit end the fit first.
         args = [*self.cli_args, "--model.init_args.max_generator_steps=1000000000", *overrides]
         cli = DiMOCLI(args=args, run=False, save_config_callback=None)
-        if not hasattr(cli.model, "student_logits"):
+        if not isinstance(cli.model, DiMOModule):
             raise SystemExit(f"dimo bench: the config's model is {type(cli.model).__name__}, not a DiMOModule")
         return cli.model, cli.datamodule, cli.config.trainer
 
@@ -244,26 +232,26 @@ class PassBench:
         opt_g, opt_a = trainer.optimizers[:2]
         self.optimizers = (opt_g, opt_a)
         context = trainer.precision_plugin.train_step_context
-        r_init = sum(pl_module.r_init_range) / 2
-        sigma = pl_module.current_sigma()
+        student_input = StudentInput(sum(pl_module.r_init_range) / 2, pl_module.current_sigma(),
+                                     pl_module.emb_noise_scale)
+        device = pl_module.device
+        student = pl_module.student
         with torch.no_grad(), context():
-            z = pl_module.student_logits(pl_module.student, cond, r_init, sigma, generator)
-            x = sample_tokens(z, hp.student_temperature, exclude_ids=(teacher.mask_id,), generator=generator)
-            ratio = sample_mask_ratio(x.shape[0], hp.gen_mask_schedule, generator, pl_module.device)
-            x_t, mask = mask_tokens(x, ratio, teacher.mask_id, generator)
+            sampling = TokenSampling(hp.student_temperature, exclude=(teacher.mask_id,))
+            x, z = student_sample(teacher, student, cond, student_input, sampling, generator, device)
+            x_t, mask, _ = remask(x, hp.gen_mask_schedule, teacher.mask_id, generator)
             grad = torch.randn_like(z, dtype=torch.float32) * 1e-3
         self.batch_size = int(x.shape[0])
-        student = pl_module.student
 
         def student_fwd_bwd():
             with context():
-                logits = pl_module.student_logits(student, cond, r_init, sigma, generator)
+                logits = student_logits(teacher, student, cond, student_input, generator, device)
                 loss = generator_loss(logits, grad, mask)
             loss.backward()
 
         def student_fwd():
             with torch.no_grad(), context():
-                pl_module.student_logits(student, cond, r_init, sigma, generator)
+                student_logits(teacher, student, cond, student_input, generator, device)
 
         def with_full_head(fn):
             def run():
@@ -348,12 +336,13 @@ def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
     """Images per second (wall and CPU clock; codes only, no pixel decoding) of the one-step student and of the
     teacher's MaskGIT decoder at ``teacher_steps`` with its CFG, under ``torch.inference_mode``.
 
-    Both samplers run as configured: the student through ``generate`` (the ``sample_*`` settings), the teacher
-    with the module's ``teacher_sampling`` (choice temperature, schedule, CFG ramp; what the evaluation report and
-    ``dimo predict`` decode with), at each step count. The samplers take turns in each round, so a change of machine
-    load hits all of them alike; and each timed student sample is a block of ``max(teacher_steps)`` calls (its
-    per-call mean), so that it spans a comparable stretch of time to a teacher sample: one call of a few
-    milliseconds would otherwise see the load of that instant only, while a teacher decode averages over seconds.
+    Both samplers run as configured: the student through its one-step pipeline (the module's sampling defaults, as
+    ``generate``), the teacher with the module's ``teacher_sampling`` (choice temperature, schedule, CFG ramp; what
+    the evaluation report and ``dimo predict`` decode with), at each step count. The samplers take turns in each
+    round, so a change of machine load hits all of them alike; and each timed student sample is a block of
+    ``max(teacher_steps)`` calls (its per-call mean), so that it spans a comparable stretch of time to a teacher
+    sample: one call of a few milliseconds would otherwise see the load of that instant only, while a teacher decode
+    averages over seconds.
     The longest teacher decode is also timed with the other CFG form (two passes of B instead of one of 2B, or the
     reverse; ``teacher_sampling.cfg_batched``), so the ratio can be read against the faster form as well.
     """
@@ -364,11 +353,13 @@ def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
     context = trainer.precision_plugin.forward_context
     generator = torch.Generator(device=pl_module.device).manual_seed(0)
     student_block = max(teacher_steps)
+    pipeline = OneStepPipeline.from_teacher(pl_module.teacher, pl_module.student, pl_module.sampling_defaults(),
+                                            pl_module.device)
 
     def student():
         with torch.inference_mode(), context():
             for _ in range(student_block):
-                pl_module.generate(cond, generator=generator)
+                pipeline.sample_codes(cond=cond, generator=generator)
 
     def teacher(steps):
         settings = pl_module.teacher_sampling.sample_kwargs(hp.teacher_cfg_scale, steps=steps)
