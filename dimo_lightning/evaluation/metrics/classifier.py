@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dimo_lightning.assets import asset_path
@@ -230,13 +230,6 @@ def build_classifier_asset(seed: int = 0, path: str | Path | None = None) -> Pat
     save_classifier(model, out, metadata)
     print(f"MNIST classifier val accuracy: {val_acc:.4f}")
     return out
-
-
-def classifier_metadata(path: str | Path | None = None) -> dict[str, str]:
-    """The provenance stored in a classifier file (seed, val accuracy); empty if none."""
-    path = Path(path) if path is not None else asset_path(CLASSIFIER_ASSET)
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
 
 
 def load_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> MNISTClassifier:
