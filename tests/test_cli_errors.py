@@ -92,6 +92,7 @@ def _cases(f: dict) -> list[tuple[str, list[str], list[str]]]:
          [f"{TEACHER}checkpoint", "/path/to/MaskGIT_ImageNet_256.pth", "huggingface-cli download"]),
         ("DataModule classes differ from the teacher's", ["fit", *fit, "--data.init_args.num_classes=7"],
          ["--data.init_args.num_classes=7", "10 classes"]),
+        ("batch size of zero", ["fit", *fit, "--data.init_args.batch_size=0"], ["--data.init_args.batch_size"]),
         ("batch size not divisible by the micro-batches",
          ["fit", *fit, "--model.init_args.accumulate_micro_batches=3"],
          ["--data.init_args.batch_size=4", "--model.init_args.accumulate_micro_batches=3"]),
@@ -165,3 +166,30 @@ def test_debug_keeps_the_traceback(files, monkeypatch):
     monkeypatch.setenv("DIMO_DEBUG", "1")
     with pytest.raises(ValueError, match="nonexistent.safetensors"):
         main(args)
+
+
+@pytest.mark.parametrize(("data", "argument", "value"), [
+    ("data.labels.ClassLabelDataModule", "batch_size", 0),
+    ("data.labels.ClassLabelDataModule", "num_classes", 0),
+    ("data.labels.ClassLabelDataModule", "batches_per_epoch", 0),
+    ("data.labels.ClassLabelDataModule", "predict_samples", 0),
+    ("data.prompts.PromptDataModule", "batch_size", 0),
+    ("data.prompts.PromptDataModule", "batches_per_epoch", -1),
+    ("data.prompts.PromptDataModule", "predict_samples", 0),
+    ("data.real_codes.RealCodesDataModule", "batch_size", 0),
+    ("data.real_codes.RealCodesDataModule", "codebook_size", 0),
+    ("data.mnist.MNISTDataModule", "batch_size", 0),
+    ("data.mnist.MNISTDataModule", "num_workers", -1),
+    ("pretraining.text_to_image.CaptionedMNISTDataModule", "batch_size", 0),
+    ("pretraining.text_to_image.CaptionedMNISTDataModule", "captions_per_digit", 0),
+])
+def test_data_module_counts_name_their_flag(data, argument, value, capsys, monkeypatch):
+    """A count of a DataModule below its minimum is reported with that argument's flag (not the first one
+    checked, not another class's argument of the same name)."""
+    monkeypatch.delenv("DIMO_DEBUG", raising=False)
+    status, err = _run(["fit", "--config", str(ROOT / "configs/mnist/teacher.yaml"), f"--data=dimo_lightning.{data}",
+                        f"--data.init_args.{argument}={value}"], capsys, argument)
+    lines = [line for line in err.splitlines() if line.startswith("dimo: error:")]
+    minimum = 0 if argument == "num_workers" else 1
+    assert status == 2
+    assert lines == [f"dimo: error: --data.init_args.{argument}: {argument} must be >= {minimum}, got {value}"]

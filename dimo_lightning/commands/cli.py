@@ -231,19 +231,21 @@ def _flag_for(err: BaseException, message: str, cli_config: Any) -> str | None:
     ]
     if quoted:
         return min(quoted)[1]  # the value the message names first is the one it is about
-    # "r_init must be ..." or "teacher_sampling.schedule must be ...": the message starts with the argument's name
-    first = re.match(r"[A-Za-z_][\w.]*", message)
-    if first:
-        for key, _ in items:
-            if key.endswith(f".{first.group(0)}") and not key.endswith("class_path"):
-                return f"--{key}"
     failing = _failing_class(err)
+    owner = None  # the config key of the class that raised, e.g. "data"
     if failing is not None:
         wanted = f"{failing.__module__}.{failing.__qualname__}"
-        for key, value in items:
-            if key.endswith("class_path") and value == wanted:
-                return f"--{key.removesuffix('.class_path')}"
-    return None
+        owner = next((key.removesuffix(".class_path") for key, value in items
+                      if key.endswith("class_path") and value == wanted), None)
+    # "r_init must be ..." or "teacher_sampling.schedule must be ...": the message starts with the argument's name,
+    # looked up first among the raising class's own arguments ("batch_size" of the DataModule, not of a callback)
+    first = re.match(r"[A-Za-z_][\w.]*", message)
+    if first:
+        named = [key for key, _ in items if key.endswith(f".{first.group(0)}") and not key.endswith("class_path")]
+        own = [key for key in named if owner is not None and key == f"{owner}.init_args.{first.group(0)}"]
+        if own or named:
+            return f"--{(own or named)[0]}"
+    return f"--{owner}" if owner is not None else None
 
 
 def _parse_error_message(err: BaseException) -> str | None:

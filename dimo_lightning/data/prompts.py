@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dimo_lightning.core.seeding import derive_seed
-from dimo_lightning.data.labels import PredictConditions, ResumableLoader, _rank_and_world
+from dimo_lightning.data.labels import PredictConditions, ResumableLoader, _rank_and_world, check_counts
 
 PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
 
@@ -216,10 +216,7 @@ class PromptDataModule(pl.LightningDataModule):
         predict_samples: int | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or batches_per_epoch < 1:
-            raise ValueError(f"batch_size and batches_per_epoch must be >= 1, got {batch_size}, {batches_per_epoch}")
-        if predict_samples is not None and predict_samples < 1:
-            raise ValueError(f"predict_samples must be >= 1 or None, got {predict_samples}")
+        check_counts(batch_size=batch_size, batches_per_epoch=batches_per_epoch, predict_samples=predict_samples)
         self.train_prompts = train_prompts
         self.eval_prompts = eval_prompts
         self.predict_prompts = predict_prompts
