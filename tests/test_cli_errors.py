@@ -63,6 +63,9 @@ def files(tmp_path_factory):
     PatchVQTokenizer(torch.rand(8, 16)).save(root / "codebook8.safetensors")
     (root / "broken.ckpt").write_bytes(b"PK\x03\x04 not really a checkpoint")
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, root / "foreign.ckpt")
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "notes.ckpt").write_text("a text file, not a checkpoint\n")  # the unpickler: "pop from empty list"
+    (root / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:5000])
     return {"root": root, "weights": weights, "codebook": codebook, "other": (other_weights, other_codebook),
             "ckpt": ckpt, "student": student}
 
@@ -99,6 +102,13 @@ def _cases(f: dict) -> list[tuple[str, list[str], list[str]]]:
         ("corrupt --ckpt_path", ["validate", *fit, "--ckpt_path", str(r / "broken.ckpt")],
          ["broken.ckpt", "--ckpt_path"]),
         ("missing --ckpt_path", ["fit", *fit, "--ckpt_path", str(r / "missing.ckpt")], ["missing.ckpt"]),
+        ("empty --ckpt_path", ["fit", *fit, "--ckpt_path", str(r / "empty.ckpt")], ["--ckpt_path", "empty.ckpt"]),
+        ("text file as --ckpt_path", ["predict", *fit, "--ckpt_path", str(r / "notes.ckpt")],
+         ["--ckpt_path", "notes.ckpt"]),
+        ("truncated --ckpt_path", ["validate", *fit, "--ckpt_path", str(r / "truncated.ckpt")],
+         ["--ckpt_path", "truncated.ckpt"]),
+        ("--ckpt_path not a Lightning checkpoint", ["fit", *fit, "--ckpt_path", str(r / "foreign.ckpt")],
+         ["--ckpt_path", "foreign.ckpt", "pytorch-lightning_version"]),
         ("resume against another teacher", ["fit", *_fit_args(*f["other"]), "--model.init_args.max_generator_steps=3",
                                             "--ckpt_path", str(f["ckpt"])],
          [str(w), str(f["other"][0]), "allow_teacher_change=true"]),

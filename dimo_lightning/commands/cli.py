@@ -24,15 +24,14 @@ import traceback
 import warnings
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from dimo_lightning.training.checkpoint_io import UnreadableCheckpoint, check_checkpoint_file, read_checkpoint
 from dimo_lightning.training.progress import GeneratorStepProgressBar
 
 # `dimo <name> ...` for commands outside LightningCLI: name -> "module:function" (imported only when used). The
@@ -43,6 +42,8 @@ SUBCOMMANDS: dict[str, str] = {
     "stats": "dimo_lightning.commands.stats:stats",
 }
 
+# ``--ckpt_path`` values that Lightning resolves itself (``registry`` and ``registry:...`` too).
+CKPT_ALIASES = ("last", "best", "hpc")
 # Exceptions that mean "the input is wrong", reported in one line; anything else keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ArgumentError, MisconfigurationException, KeyError)
 ERROR_EXIT_STATUS = 2
@@ -103,16 +104,16 @@ class DiMOCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return  # aliases such as "last", and missing files, are the trainer's to resolve and report
-        try:
-            # Only the hyperparameters are read here; the trainer loads the weights afterwards. Memory-mapping a
-            # zip checkpoint (torch.save's format) keeps this from reading a multi-GB file twice.
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu",
-                                    mmap=zipfile.is_zipfile(ckpt_path))
-        except Exception as err:  # a truncated or foreign file: name it instead of a bare unpickling error
-            raise ValueError(f"cannot read the checkpoint {ckpt_path} (--ckpt_path): {err}") from err
-        saved = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        if not ckpt_path or str(ckpt_path) in CKPT_ALIASES or str(ckpt_path).startswith("registry") or (
+            "://" in str(ckpt_path) and not str(ckpt_path).startswith("file://")
+        ):
+            return  # aliases such as "last", and remote files, are the trainer's to resolve and report
+        # Checked here, before the teacher is built: a missing, empty, truncated or foreign file is named at once.
+        # Only the hyperparameters are read; the trainer loads the weights afterwards. Memory-mapping a zip
+        # checkpoint (torch.save's format) keeps this from reading a multi-GB file twice.
+        zipped = zipfile.is_zipfile(check_checkpoint_file(ckpt_path))
+        checkpoint = read_checkpoint(ckpt_path, weights_only=True, map_location="cpu", mmap=zipped)
+        saved = checkpoint.get("hyper_parameters", {})
         model = self.config[subcommand].get("model")
         init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
         changed = differing_arguments(saved, init_args)
@@ -282,6 +283,8 @@ def error_message(err: BaseException, cli_config: Any = None) -> str:
         message = message.split(" Given value type:")[0]
     if re.search(r"(^|[\s(])--(model|data|trainer|ckpt_path|config|seed_everything)\b", message):
         return message  # the message names its flags already
+    if isinstance(root, UnreadableCheckpoint):  # raised while reading the file --ckpt_path gave or resolved to
+        return f"--ckpt_path: {message}"
     flag = _flag_for(root, message, cli_config)
     if flag:
         message = f"{flag}: {message}"
