@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from dimo_lightning.assets import asset_path
 from dimo_lightning.core.masking import MASK_SCHEDULES, mask_tokens, sample_mask_ratio
+from dimo_lightning.core.weight_files import give_default_mode
 from dimo_lightning.data.captions import caption_vocabulary, split_captions
 from dimo_lightning.data.labels import check_counts
 from dimo_lightning.data.mnist import load_mnist_split
@@ -241,6 +242,7 @@ class TextMaskedDiffusionModule(pl.LightningModule):
         folder = Path(folder)
         self.network.save_pretrained(folder / "transformer")
         self.text_encoder.save_pretrained(str(folder / "text_encoder"))
+        give_default_mode((folder / "text_encoder").glob("*.safetensors"))  # written 0600 by safetensors
         self.text_tokenizer.save_pretrained(str(folder / "tokenizer"))
         codebook = Path(self.hparams.codebook) if self.hparams.codebook else asset_path("mnist_codebook.safetensors")
         shutil.copyfile(codebook, folder / "codebook.safetensors")

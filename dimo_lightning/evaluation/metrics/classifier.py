@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from dimo_lightning.assets import asset_path
+from dimo_lightning.core.weight_files import save_safetensors
 from dimo_lightning.data.captions import AttributeThresholds, _check_images, attribute_hits
 from dimo_lightning.data.mnist import load_mnist_split
 
@@ -208,7 +209,7 @@ def save_classifier(classifier: MNISTClassifier, path: str | Path, metadata: dic
     """Write the classifier's weights as safetensors (string ``metadata`` goes into the file header)."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata)
+    save_safetensors(tensors, path, metadata=metadata)
     return path
 
 
