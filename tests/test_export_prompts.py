@@ -133,7 +133,8 @@ def test_dimo_sample_with_prompts_writes_pngs_grid_and_npz(trained, tmp_path, ca
 
     import dimo_lightning.inference.export
 
-    monkeypatch.setattr(dimo_lightning.inference.export, "GRID_MAX_ROWS", 2)  # a long prompt file: the grid shows the first
+    # a long prompt file: the grid shows the first
+    monkeypatch.setattr(dimo_lightning.inference.export, "GRID_MAX_ROWS", 2)
     out = trained["export"]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("".join(f"{p}\n" for p in PROMPTS[:3]))

@@ -302,7 +302,11 @@ def error_message(err: BaseException, cli_config: Any = None) -> str:
 
 # `dimo` commands with sub-commands of their own (``dimo sweep run|worker|summary``): a module whose
 # ``main(argv) -> exit code`` parses the rest of the command line.
-EXTRA_COMMANDS = {"sweep": "dimo_lightning.commands.sweep", "bench": "dimo_lightning.commands.bench", "encode": "dimo_lightning.commands.encode"}
+EXTRA_COMMANDS = {
+    "sweep": "dimo_lightning.commands.sweep",
+    "bench": "dimo_lightning.commands.bench",
+    "encode": "dimo_lightning.commands.encode",
+}
 
 
 def main(args: list[str] | None = None) -> None:

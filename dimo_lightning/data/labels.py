@@ -89,7 +89,7 @@ class PredictConditions(IterableDataset):
     ``range(num_samples)``, in order, as batches ``{"conditions": labels (B,), "index": global indices (B,)}``.
 
     The global indices are cut into batches of ``batch_size`` first and ranks take contiguous blocks of whole
-    batches (:func:`~dimo_lightning.evaluation.callbacks.common.rank_batches`): a batch, and so its samples (seeded by its first
+    batches (:func:`~dimo_lightning.core.sharding.rank_batches`): a batch, and so its samples (seeded by its first
     index), is the same on any number of ranks. The label of global index i is ``i % num_classes`` (balanced, class
     order). The rank is read when iterated (after the process group exists); being an IterableDataset, Lightning
     never re-shards it with a distributed sampler, so no sample is padded in twice (``use_distributed_sampler`` may

@@ -246,8 +246,9 @@ class PromptDataModule(pl.LightningDataModule):
         return _take(prompts, [i % len(prompts) for i in range(num_samples)])
 
     def grid_conditions(self, rows: int) -> list[str]:
-        """The first ``rows`` held-out prompts: one row each of :class:`~dimo_lightning.evaluation.callbacks.sample_grid.SampleGrid`
-        (for the captioned-MNIST prompts, one per digit, in class order)."""
+        """The first ``rows`` held-out prompts: one row each of
+        :class:`~dimo_lightning.evaluation.callbacks.sample_grid.SampleGrid` (for the captioned-MNIST prompts, one per
+        digit, in class order)."""
         prompts = self.prompts("eval")
         return _take(prompts, range(min(rows, len(prompts))))
 

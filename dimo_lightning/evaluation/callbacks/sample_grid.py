@@ -101,7 +101,8 @@ class SampleGrid(Callback):
         sampler, network = student_sampler(pl_module), evaluation_student(pl_module)
         images = []
         for index, (start, stop) in enumerate(batch_spans(len(conditions), self.batch_size)):
-            generator = torch.Generator(device=pl_module.device).manual_seed(derive_seed(self.seed, salt=index, modulus=SAMPLE_SEED_MODULUS))
+            generator = torch.Generator(device=pl_module.device).manual_seed(
+                derive_seed(self.seed, salt=index, modulus=SAMPLE_SEED_MODULUS))
             codes = sampler(network, slice_conditions(conditions, start, stop), generator)
             images.append(pl_module.teacher.decode(codes).float().cpu())
         return make_grid(torch.cat(images), nrow=self.columns, padding=2, pad_value=0.5)
