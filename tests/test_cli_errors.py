@@ -63,6 +63,9 @@ def files(tmp_path_factory):
     PatchVQTokenizer(torch.rand(8, 16)).save(root / "codebook8.safetensors")
     (root / "broken.ckpt").write_bytes(b"PK\x03\x04 not really a checkpoint")
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, root / "foreign.ckpt")
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "notes.ckpt").write_text("a text file, not a checkpoint\n")  # the unpickler: "pop from empty list"
+    (root / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:5000])
     return {"root": root, "weights": weights, "codebook": codebook, "other": (other_weights, other_codebook),
             "ckpt": ckpt, "student": student}
 
@@ -92,12 +95,20 @@ def _cases(f: dict) -> list[tuple[str, list[str], list[str]]]:
          [f"{TEACHER}checkpoint", "/path/to/MaskGIT_ImageNet_256.pth", "huggingface-cli download"]),
         ("DataModule classes differ from the teacher's", ["fit", *fit, "--data.init_args.num_classes=7"],
          ["--data.init_args.num_classes=7", "10 classes"]),
+        ("batch size of zero", ["fit", *fit, "--data.init_args.batch_size=0"], ["--data.init_args.batch_size"]),
         ("batch size not divisible by the micro-batches",
          ["fit", *fit, "--model.init_args.accumulate_micro_batches=3"],
          ["--data.init_args.batch_size=4", "--model.init_args.accumulate_micro_batches=3"]),
         ("corrupt --ckpt_path", ["validate", *fit, "--ckpt_path", str(r / "broken.ckpt")],
          ["broken.ckpt", "--ckpt_path"]),
         ("missing --ckpt_path", ["fit", *fit, "--ckpt_path", str(r / "missing.ckpt")], ["missing.ckpt"]),
+        ("empty --ckpt_path", ["fit", *fit, "--ckpt_path", str(r / "empty.ckpt")], ["--ckpt_path", "empty.ckpt"]),
+        ("text file as --ckpt_path", ["predict", *fit, "--ckpt_path", str(r / "notes.ckpt")],
+         ["--ckpt_path", "notes.ckpt"]),
+        ("truncated --ckpt_path", ["validate", *fit, "--ckpt_path", str(r / "truncated.ckpt")],
+         ["--ckpt_path", "truncated.ckpt"]),
+        ("--ckpt_path not a Lightning checkpoint", ["fit", *fit, "--ckpt_path", str(r / "foreign.ckpt")],
+         ["--ckpt_path", "foreign.ckpt", "pytorch-lightning_version"]),
         ("resume against another teacher", ["fit", *_fit_args(*f["other"]), "--model.init_args.max_generator_steps=3",
                                             "--ckpt_path", str(f["ckpt"])],
          [str(w), str(f["other"][0]), "allow_teacher_change=true"]),
@@ -165,3 +176,30 @@ def test_debug_keeps_the_traceback(files, monkeypatch):
     monkeypatch.setenv("DIMO_DEBUG", "1")
     with pytest.raises(ValueError, match="nonexistent.safetensors"):
         main(args)
+
+
+@pytest.mark.parametrize(("data", "argument", "value"), [
+    ("data.labels.ClassLabelDataModule", "batch_size", 0),
+    ("data.labels.ClassLabelDataModule", "num_classes", 0),
+    ("data.labels.ClassLabelDataModule", "batches_per_epoch", 0),
+    ("data.labels.ClassLabelDataModule", "predict_samples", 0),
+    ("data.prompts.PromptDataModule", "batch_size", 0),
+    ("data.prompts.PromptDataModule", "batches_per_epoch", -1),
+    ("data.prompts.PromptDataModule", "predict_samples", 0),
+    ("data.real_codes.RealCodesDataModule", "batch_size", 0),
+    ("data.real_codes.RealCodesDataModule", "codebook_size", 0),
+    ("data.mnist.MNISTDataModule", "batch_size", 0),
+    ("data.mnist.MNISTDataModule", "num_workers", -1),
+    ("pretraining.text_to_image.CaptionedMNISTDataModule", "batch_size", 0),
+    ("pretraining.text_to_image.CaptionedMNISTDataModule", "captions_per_digit", 0),
+])
+def test_data_module_counts_name_their_flag(data, argument, value, capsys, monkeypatch):
+    """A count of a DataModule below its minimum is reported with that argument's flag (not the first one
+    checked, not another class's argument of the same name)."""
+    monkeypatch.delenv("DIMO_DEBUG", raising=False)
+    status, err = _run(["fit", "--config", str(ROOT / "configs/mnist/teacher.yaml"), f"--data=dimo_lightning.{data}",
+                        f"--data.init_args.{argument}={value}"], capsys, argument)
+    lines = [line for line in err.splitlines() if line.startswith("dimo: error:")]
+    minimum = 0 if argument == "num_workers" else 1
+    assert status == 2
+    assert lines == [f"dimo: error: --data.init_args.{argument}: {argument} must be >= {minimum}, got {value}"]

@@ -172,7 +172,8 @@ def test_killed_worker_trial_is_requeued_and_rerun(tmp_path):
     spec = fake_spec(tmp_path, [0.0, 1.0])
     marker = tmp_path / "slow.pid"
     env = subprocess_env(FAKE_SLOW_VALUE="1.0", FAKE_MARKER=str(marker))
-    sweep_cmd = [sys.executable, "-m", "dimo_lightning.commands.sweep", "run", str(spec), "--heartbeat-s", "1", "--grace-s", "2"]
+    sweep_cmd = [sys.executable, "-m", "dimo_lightning.commands.sweep", "run", str(spec), "--heartbeat-s", "1",
+                 "--grace-s", "2"]
     worker = subprocess.Popen(sweep_cmd, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:

@@ -24,15 +24,14 @@ import traceback
 import warnings
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from dimo_lightning.training.checkpoint_io import UnreadableCheckpoint, check_checkpoint_file, read_checkpoint
 from dimo_lightning.training.progress import GeneratorStepProgressBar
 
 # `dimo <name> ...` for commands outside LightningCLI: name -> "module:function" (imported only when used). The
@@ -43,6 +42,8 @@ SUBCOMMANDS: dict[str, str] = {
     "stats": "dimo_lightning.commands.stats:stats",
 }
 
+# ``--ckpt_path`` values that Lightning resolves itself (``registry`` and ``registry:...`` too).
+CKPT_ALIASES = ("last", "best", "hpc")
 # Exceptions that mean "the input is wrong", reported in one line; anything else keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ArgumentError, MisconfigurationException, KeyError)
 ERROR_EXIT_STATUS = 2
@@ -103,16 +104,16 @@ class DiMOCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return  # aliases such as "last", and missing files, are the trainer's to resolve and report
-        try:
-            # Only the hyperparameters are read here; the trainer loads the weights afterwards. Memory-mapping a
-            # zip checkpoint (torch.save's format) keeps this from reading a multi-GB file twice.
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu",
-                                    mmap=zipfile.is_zipfile(ckpt_path))
-        except Exception as err:  # a truncated or foreign file: name it instead of a bare unpickling error
-            raise ValueError(f"cannot read the checkpoint {ckpt_path} (--ckpt_path): {err}") from err
-        saved = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        if not ckpt_path or str(ckpt_path) in CKPT_ALIASES or str(ckpt_path).startswith("registry") or (
+            "://" in str(ckpt_path) and not str(ckpt_path).startswith("file://")
+        ):
+            return  # aliases such as "last", and remote files, are the trainer's to resolve and report
+        # Checked here, before the teacher is built: a missing, empty, truncated or foreign file is named at once.
+        # Only the hyperparameters are read; the trainer loads the weights afterwards. Memory-mapping a zip
+        # checkpoint (torch.save's format) keeps this from reading a multi-GB file twice.
+        zipped = zipfile.is_zipfile(check_checkpoint_file(ckpt_path))
+        checkpoint = read_checkpoint(ckpt_path, weights_only=True, map_location="cpu", mmap=zipped)
+        saved = checkpoint.get("hyper_parameters", {})
         model = self.config[subcommand].get("model")
         init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
         changed = differing_arguments(saved, init_args)
@@ -165,6 +166,15 @@ def _filter_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # main() hands LightningCLI the command line minus `--debug`; that is not the mistake this warning is about.
     warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
+    # Lightning 2.6 warns (15 lines, at every periodic save) that a ModelCheckpoint with every_n_train_steps under
+    # manual optimization saves the state after the optimizer steps, unless the module keeps a pre-step copy. For
+    # DiMOModule that state is the one to keep: it steps its optimizers itself, the save comes after a whole
+    # iteration (global_step counts both optimizers' steps, so every_n_train_steps lands on iteration boundaries),
+    # and a resume continues from exactly there.
+    warnings.filterwarnings(
+        "ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
+        r"pre-optimization state was saved"
+    )
 
 
 def run_subcommand(name: str, args: list[str]) -> None:
@@ -231,19 +241,21 @@ def _flag_for(err: BaseException, message: str, cli_config: Any) -> str | None:
     ]
     if quoted:
         return min(quoted)[1]  # the value the message names first is the one it is about
-    # "r_init must be ..." or "teacher_sampling.schedule must be ...": the message starts with the argument's name
-    first = re.match(r"[A-Za-z_][\w.]*", message)
-    if first:
-        for key, _ in items:
-            if key.endswith(f".{first.group(0)}") and not key.endswith("class_path"):
-                return f"--{key}"
     failing = _failing_class(err)
+    owner = None  # the config key of the class that raised, e.g. "data"
     if failing is not None:
         wanted = f"{failing.__module__}.{failing.__qualname__}"
-        for key, value in items:
-            if key.endswith("class_path") and value == wanted:
-                return f"--{key.removesuffix('.class_path')}"
-    return None
+        owner = next((key.removesuffix(".class_path") for key, value in items
+                      if key.endswith("class_path") and value == wanted), None)
+    # "r_init must be ..." or "teacher_sampling.schedule must be ...": the message starts with the argument's name,
+    # looked up first among the raising class's own arguments ("batch_size" of the DataModule, not of a callback)
+    first = re.match(r"[A-Za-z_][\w.]*", message)
+    if first:
+        named = [key for key, _ in items if key.endswith(f".{first.group(0)}") and not key.endswith("class_path")]
+        own = [key for key in named if owner is not None and key == f"{owner}.init_args.{first.group(0)}"]
+        if own or named:
+            return f"--{(own or named)[0]}"
+    return f"--{owner}" if owner is not None else None
 
 
 def _parse_error_message(err: BaseException) -> str | None:
@@ -280,6 +292,8 @@ def error_message(err: BaseException, cli_config: Any = None) -> str:
         message = message.split(" Given value type:")[0]
     if re.search(r"(^|[\s(])--(model|data|trainer|ckpt_path|config|seed_everything)\b", message):
         return message  # the message names its flags already
+    if isinstance(root, UnreadableCheckpoint):  # raised while reading the file --ckpt_path gave or resolved to
+        return f"--ckpt_path: {message}"
     flag = _flag_for(root, message, cli_config)
     if flag:
         message = f"{flag}: {message}"
@@ -288,7 +302,11 @@ def error_message(err: BaseException, cli_config: Any = None) -> str:
 
 # `dimo` commands with sub-commands of their own (``dimo sweep run|worker|summary``): a module whose
 # ``main(argv) -> exit code`` parses the rest of the command line.
-EXTRA_COMMANDS = {"sweep": "dimo_lightning.commands.sweep", "bench": "dimo_lightning.commands.bench", "encode": "dimo_lightning.commands.encode"}
+EXTRA_COMMANDS = {
+    "sweep": "dimo_lightning.commands.sweep",
+    "bench": "dimo_lightning.commands.bench",
+    "encode": "dimo_lightning.commands.encode",
+}
 
 
 def main(args: list[str] | None = None) -> None:

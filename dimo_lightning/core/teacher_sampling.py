@@ -1,8 +1,9 @@
 """TeacherSampling: the one set of settings with which the teacher is decoded, wherever it is sampled.
 
 ``dimo predict --model.init_args.predict_with=teacher`` (``DiMOModule.predict_step``) and the
-:class:`~dimo_lightning.evaluation.callbacks.evaluation_report.EvaluationReport` both read ``DiMOModule.teacher_sampling``, so the same
-teacher cannot be scored with one choice temperature and sampled with another.
+:class:`~dimo_lightning.evaluation.callbacks.evaluation_report.EvaluationReport` both read
+``DiMOModule.teacher_sampling``, so the same teacher cannot be scored with one choice temperature and sampled with
+another.
 """
 
 from __future__ import annotations

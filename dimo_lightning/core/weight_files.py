@@ -1,14 +1,51 @@
-"""Checkpoint reading shared by every teacher: weights-only torch files and strict, explained state-dict loading."""
+"""Weight files: weights-only torch reading and strict, explained state-dict loading shared by every teacher, and
+safetensors writing with the file mode every other file gets."""
 
 from __future__ import annotations
 
+import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask (0o644 under umask 022)."""
+    try:  # Linux reports the umask without changing it (os.umask must set one to read it, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def give_default_mode(paths: Iterable[str | Path]) -> None:
+    """Set each file of ``paths`` to :func:`default_file_mode`.
+
+    safetensors' ``save_file`` (0.8) writes a temporary file in the target's folder, created 0600 (owner-only), and
+    renames it onto the target: everything written through it, transformers' and diffusers' ``save_pretrained``
+    included, would be unreadable to the user's group and others whatever their umask.
+    """
+    mode = default_file_mode()
+    for path in paths:
+        os.chmod(path, mode)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` (atomic: a temporary file renamed onto ``path``) with the mode ``open()``
+    would give the file (:func:`give_default_mode`) -> path."""
+    save_file(dict(tensors), str(path), metadata=metadata)
+    give_default_mode([path])
+    return Path(path)
 
 
 def load_torch_file(path: str | Path) -> Any:

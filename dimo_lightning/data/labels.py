@@ -24,6 +24,17 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def check_counts(minimum: int = 1, **counts: int | None) -> None:
+    """Raise ``ValueError`` for the first of ``counts`` (name -> value; None is skipped) below ``minimum``.
+
+    The message starts with the argument's name (``batch_size must be >= 1, got 0``): the ``dimo`` command puts the
+    flag of the DataModule that raised it in front (``--data.init_args.batch_size``).
+    """
+    for name, value in counts.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def label_batch(seed: int, rank: int, index: int, batch_size: int, num_classes: int) -> torch.Tensor:
     """The ``index``-th label batch (batch_size,) of ``rank``: uniform i.i.d. classes, deterministic."""
     generator = torch.Generator().manual_seed(derive_seed(seed, rank, index))
@@ -146,11 +157,8 @@ class ClassLabelDataModule(pl.LightningDataModule):
         predict_samples: int = 1000,
     ) -> None:
         super().__init__()
-        if num_classes < 1 or batch_size < 1 or batches_per_epoch < 1:
-            raise ValueError(
-                f"num_classes, batch_size and batches_per_epoch must be >= 1, got {num_classes}, {batch_size}, "
-                f"{batches_per_epoch}"
-            )
+        check_counts(num_classes=num_classes, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
+                     predict_samples=predict_samples)
         self.num_classes = num_classes
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from dimo_lightning.data.labels import check_counts
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
 
 IMAGE_SIZE = 28
@@ -82,6 +83,8 @@ class MNISTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        check_counts(batch_size=batch_size)
+        check_counts(0, num_workers=num_workers)
         self.batch_size = batch_size
         self.codebook = codebook
         self.val_fraction = val_fraction

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dimo_lightning.core.seeding import derive_seed
-from dimo_lightning.data.labels import PredictConditions, ResumableLoader, _rank_and_world
+from dimo_lightning.data.labels import PredictConditions, ResumableLoader, _rank_and_world, check_counts
 from dimo_lightning.data.prompt_files import PromptFile, load_prompts
 
 
@@ -111,10 +111,7 @@ class PromptDataModule(pl.LightningDataModule):
         predict_samples: int | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or batches_per_epoch < 1:
-            raise ValueError(f"batch_size and batches_per_epoch must be >= 1, got {batch_size}, {batches_per_epoch}")
-        if predict_samples is not None and predict_samples < 1:
-            raise ValueError(f"predict_samples must be >= 1 or None, got {predict_samples}")
+        check_counts(batch_size=batch_size, batches_per_epoch=batches_per_epoch, predict_samples=predict_samples)
         self.train_prompts = train_prompts
         self.eval_prompts = eval_prompts
         self.predict_prompts = predict_prompts
@@ -144,8 +141,9 @@ class PromptDataModule(pl.LightningDataModule):
         return _take(prompts, [i % len(prompts) for i in range(num_samples)])
 
     def grid_conditions(self, rows: int) -> list[str]:
-        """The first ``rows`` held-out prompts: one row each of :class:`~dimo_lightning.evaluation.callbacks.sample_grid.SampleGrid`
-        (for the captioned-MNIST prompts, one per digit, in class order)."""
+        """The first ``rows`` held-out prompts: one row each of
+        :class:`~dimo_lightning.evaluation.callbacks.sample_grid.SampleGrid` (for the captioned-MNIST prompts, one per
+        digit, in class order)."""
         prompts = self.prompts("eval")
         return _take(prompts, range(min(rows, len(prompts))))
 

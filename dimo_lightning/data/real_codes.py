@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dimo_lightning.core.seeding import derive_seed
-from dimo_lightning.data.labels import ClassLabelDataModule, ResumableLoader, _rank_and_world
+from dimo_lightning.data.labels import ClassLabelDataModule, ResumableLoader, _rank_and_world, check_counts
 from dimo_lightning.data.mnist import load_mnist_digits, split_indices
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
 
@@ -259,6 +259,7 @@ class RealCodesDataModule(ClassLabelDataModule):
         split_seed: int = 0,
     ) -> None:
         super().__init__(num_classes, batch_size, batches_per_epoch, seed, predict_samples)
+        check_counts(codebook_size=codebook_size)
         grid = [grid_size, grid_size] if isinstance(grid_size, int) else list(grid_size)
         if len(grid) != 2 or min(grid) < 1:
             raise ValueError(f"grid_size must be a positive side or [h, w], got {grid_size!r}")

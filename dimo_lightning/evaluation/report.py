@@ -253,7 +253,8 @@ def sharded_sample_features(
         padding = step >= len(mine)
         index, (start, stop) = mine[step] if not padding else (0, (0, min(batch_size, total)))
         batch = slice_conditions(conditions, start, stop)
-        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, rank=index, modulus=SAMPLE_SEED_MODULUS))
+        generator = torch.Generator(device=device).manual_seed(
+            derive_seed(seed, rank=index, modulus=SAMPLE_SEED_MODULUS))
         # images/s of the sharded report covers sampling and decoding: (B, C, H, W) in [0, 1]
         images, seconds = timed_sample(lambda b, g: pl_module.teacher.decode(sample_codes(b, g)).float(), batch,
                                        generator, device)

@@ -31,10 +31,10 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from dimo_lightning.core.weight_files import load_state_dict_checked
+from dimo_lightning.core.weight_files import load_state_dict_checked, save_safetensors
 from dimo_lightning.inference.pipeline import LabelConditioner, OneStepPipeline, SamplingDefaults
 from dimo_lightning.inference.prompt_export import (
     PromptConditioner,
@@ -182,8 +182,8 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt", "source": source})
+    save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, out / WEIGHTS_FILE,
+                     metadata={"format": "pt", "source": source})
 
     conditioning = records["conditioning"]
     if conditioning.get("type") == "prompt":  # the text encoder and its tokenizer travel with the student
@@ -195,7 +195,7 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
     tokenizer = dict(records["tokenizer"])
     tensors = tokenizer.pop("tensors", None)
     if tensors:  # small tokenizers travel with the student
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / TOKENIZER_FILE))
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out / TOKENIZER_FILE)
         tokenizer["file"] = TOKENIZER_FILE
     teacher = hparams.get("teacher")
     config = {

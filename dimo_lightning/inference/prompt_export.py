@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dimo_lightning.core.conditions import TextCondition
+from dimo_lightning.core.weight_files import give_default_mode
 from dimo_lightning.teachers.prompt import encode_with_clip, load_clip_text_encoder
 
 TEXT_ENCODER_DIR = "text_encoder"
@@ -130,6 +131,7 @@ def export_prompt_conditioning(record: Mapping[str, Any], network: Mapping[str, 
                              f"trained with (the empty prompt's embedding differs by {difference:.3g} relative): the "
                              "teacher folder changed since training")
     encoder.save_pretrained(str(out / TEXT_ENCODER_DIR))
+    give_default_mode((out / TEXT_ENCODER_DIR).glob("*.safetensors"))  # written 0600 by safetensors
     tokenizer.save_pretrained(str(out / TEXT_TOKENIZER_DIR))
     return {
         "type": "prompt",

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import UVit2DModel
 
+from dimo_lightning.core.weight_files import give_default_mode
 from dimo_lightning.nn.meissonic import NUM_MICRO_CONDS, call_block, sinusoidal_embedding
 
 AESTHETIC_SCORE = 6.0  # the pipeline's default micro-condition
@@ -123,6 +124,7 @@ class AmusedTransformer(UVit2DModel):
             plain = UVit2DModel.from_config(dict(self.config))
         plain.load_state_dict({k: v.detach() for k, v in self.state_dict().items()}, strict=True, assign=True)
         plain.save_pretrained(str(folder), **kwargs)
+        give_default_mode(Path(folder).glob("*.safetensors"))  # written 0600 by safetensors
         return Path(folder)
 
 

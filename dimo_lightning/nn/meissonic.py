@@ -21,11 +21,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dimo_lightning.core.weight_files import load_state_dict_checked
+from dimo_lightning.core.weight_files import load_state_dict_checked, save_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"
@@ -502,7 +502,7 @@ class MeissonicTransformer(nn.Module):
         config = {"_class_name": "Transformer2DModel", **self.config, "in_channels": 64, "patch_size": 1,
                   "guidance_embeds": False}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_NAME))
+        save_safetensors({k: v.detach().contiguous() for k, v in self.state_dict().items()}, folder / WEIGHTS_NAME)
         return folder
 
     # ---- forward -------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from safetensors.torch import save_file
 from typing_extensions import override
 
 from dimo_lightning.core.masking import MASK_SCHEDULES, mask_tokens, sample_mask_ratio
+from dimo_lightning.core.weight_files import save_safetensors
 from dimo_lightning.nn.transformer import MaskTransformer
 
 
@@ -140,7 +140,7 @@ class MaskedDiffusionModule(pl.LightningModule):
         directory.mkdir(parents=True, exist_ok=True)
         weights = directory / f"{self.export_name}.safetensors"
         state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-        save_file(state, str(weights))
+        save_safetensors(state, weights)
         (directory / f"{self.export_name}.json").write_text(json.dumps(self.architecture, indent=2) + "\n")
         return weights
 

@@ -22,7 +22,9 @@ from typing_extensions import override
 
 from dimo_lightning.assets import asset_path
 from dimo_lightning.core.masking import MASK_SCHEDULES, mask_tokens, sample_mask_ratio
+from dimo_lightning.core.weight_files import give_default_mode
 from dimo_lightning.data.captions import caption_vocabulary, split_captions
+from dimo_lightning.data.labels import check_counts
 from dimo_lightning.data.mnist import load_mnist_split
 from dimo_lightning.nn.meissonic import MeissonicTransformer
 from dimo_lightning.pretraining.class_conditional import masked_token_loss
@@ -83,8 +85,8 @@ class CaptionedMNISTDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int = 128, codebook: str | None = None, captions_per_digit: int = 4,
                  num_workers: int = 0) -> None:
         super().__init__()
-        if captions_per_digit < 1:
-            raise ValueError(f"captions_per_digit must be >= 1, got {captions_per_digit}")
+        check_counts(batch_size=batch_size, captions_per_digit=captions_per_digit)
+        check_counts(0, num_workers=num_workers)
         self.batch_size = batch_size
         self.codebook = codebook
         self.captions_per_digit = captions_per_digit
@@ -240,6 +242,7 @@ class TextMaskedDiffusionModule(pl.LightningModule):
         folder = Path(folder)
         self.network.save_pretrained(folder / "transformer")
         self.text_encoder.save_pretrained(str(folder / "text_encoder"))
+        give_default_mode((folder / "text_encoder").glob("*.safetensors"))  # written 0600 by safetensors
         self.text_tokenizer.save_pretrained(str(folder / "tokenizer"))
         codebook = Path(self.hparams.codebook) if self.hparams.codebook else asset_path("mnist_codebook.safetensors")
         shutil.copyfile(codebook, folder / "codebook.safetensors")

@@ -1,8 +1,8 @@
 """Text-conditional teachers: a :class:`~dimo_lightning.nn.meissonic.MeissonicTransformer` conditioned on prompts.
 
 :class:`TextConditionalTeacher` holds what every prompt teacher shares: conditions are
-:class:`~dimo_lightning.core.conditions.TextCondition` objects; the unconditional branch of CFG and the aux condition drop
-swap in cached embeddings of the empty prompt ("") or of the negative prompt; the network gets the micro-conditions
+:class:`~dimo_lightning.core.conditions.TextCondition` objects; the unconditional branch of CFG and the aux condition
+drop swap in cached embeddings of the empty prompt ("") or of the negative prompt; the network gets the micro-conditions
 and the (documented) timestep convention. :class:`PromptTeacher` adds the frozen text encoder: transformers
 ``CLIPTextModelWithProjection`` + tokenizer loaded with ``from_pretrained`` from a diffusers-layout folder
 (``transformer/``, ``text_encoder/``, ``tokenizer/``), run once per batch (penultimate hidden state and pooled

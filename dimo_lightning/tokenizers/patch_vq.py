@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from dimo_lightning.assets import asset_path
 from dimo_lightning.core.soft_embedding import expected_codebook, grid_probabilities
+from dimo_lightning.core.weight_files import save_safetensors
 
 
 class PatchVQTokenizer(nn.Module):
@@ -74,7 +75,7 @@ class PatchVQTokenizer(nn.Module):
         }
 
     def save(self, path: str | Path) -> None:
-        save_file({"codebook": self.codebook.cpu().contiguous()}, str(path))
+        save_safetensors({"codebook": self.codebook.cpu().contiguous()}, path)
 
     @staticmethod
     def _patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:

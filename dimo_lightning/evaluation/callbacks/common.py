@@ -91,7 +91,8 @@ _REFERENCES: dict[tuple, Any] = {}
 
 
 def shared_extractor(name: str, weights_path: str | None, device: torch.device, flag: str = "extractor"):
-    """One :class:`~dimo_lightning.evaluation.metrics.features.FeatureExtractor` per (name, weights, device) and process."""
+    """One :class:`~dimo_lightning.evaluation.metrics.features.FeatureExtractor` per (name, weights, device) and
+    process."""
 
     key = (name, weights_path, str(device))
     if key not in _EXTRACTORS:
@@ -102,8 +103,9 @@ def shared_extractor(name: str, weights_path: str | None, device: torch.device, 
 def shared_reference(spec: str, extractor, flag: str = "reference", need_features: int = 0, batch_size: int = 250):
     """Reference statistics for ``spec``, validated against ``extractor`` (errors name the file and ``flag``).
 
-    ``spec`` is a ``dimo stats`` file (loaded), or an image set (see :mod:`dimo_lightning.evaluation.metrics.image_sources`) whose
-    statistics are computed once per process and cached (ImageNet-size sets: precompute them with ``dimo stats``).
+    ``spec`` is a ``dimo stats`` file (loaded), or an image set (see
+    :mod:`dimo_lightning.evaluation.metrics.image_sources`) whose statistics are computed once per process and cached
+    (ImageNet-size sets: precompute them with ``dimo stats``).
     """
 
     key = (spec, extractor.name, extractor.feature_layer, id(extractor.network))

@@ -1,9 +1,9 @@
 """The metric network of the embedded MNIST problem: a small CNN digit classifier.
 
 Its 128-d penultimate features feed FID / KID / precision / recall (through the ``"mnist-cnn"`` torch-fidelity
-extractor in :mod:`dimo_lightning.evaluation.metrics.extractors`) and its predictions give the conditional accuracy of samples
-(does a sample drawn for class c look like a c). It is trained on the ``"train"`` split only, so the ``"val"`` split
-stays unseen by the teacher, the codebook and this network, and can serve as the FID reference.
+extractor in :mod:`dimo_lightning.evaluation.metrics.extractors`) and its predictions give the conditional accuracy of
+samples (does a sample drawn for class c look like a c). It is trained on the ``"train"`` split only, so the
+``"val"`` split stays unseen by the teacher, the codebook and this network, and can serve as the FID reference.
 
 The architecture is fixed (no config file): the asset holds only the weights, plus provenance in the safetensors
 metadata. Rebuild it with ``make assets`` (``python scripts/build_assets.py classifier``).
@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from dimo_lightning.assets import asset_path
+from dimo_lightning.core.weight_files import save_safetensors
 from dimo_lightning.data.captions import AttributeThresholds, _check_images, attribute_hits
 from dimo_lightning.data.mnist import load_mnist_split
 
@@ -208,7 +209,7 @@ def save_classifier(classifier: MNISTClassifier, path: str | Path, metadata: dic
     """Write the classifier's weights as safetensors (string ``metadata`` goes into the file header)."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata)
+    save_safetensors(tensors, path, metadata=metadata)
     return path
 
 
@@ -277,7 +278,8 @@ def prompt_faithfulness(images: torch.Tensor, prompts: list[str], classifier=Non
                         thresholds: AttributeThresholds | None = None) -> dict[str, float]:
     """Class, thickness and slant accuracy of images (M, 28, 28) against their prompts.
 
-    ``classifier``: an :class:`~dimo_lightning.evaluation.metrics.classifier.MNISTClassifier` (None loads the shipped one).
+    ``classifier``: an :class:`~dimo_lightning.evaluation.metrics.classifier.MNISTClassifier` (None loads the shipped
+    one).
     Returns ``{"class_accuracy", "thickness_accuracy", "slant_accuracy"}`` (NaN where nothing was judged).
     """
 

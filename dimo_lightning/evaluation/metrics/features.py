@@ -283,7 +283,8 @@ def check_reference_stats(stats: ReferenceStats, extractor: FeatureExtractor, fl
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] (B, C, H, W) float, or uint8, on any device -> uint8 (B, 3, H, W) on the same device.
 
-    Rounds as torchvision's ``save_image`` (0.5 -> 128), as :func:`dimo_lightning.evaluation.metrics.fidelity.to_uint8_images`.
+    Rounds as torchvision's ``save_image`` (0.5 -> 128), as
+    :func:`dimo_lightning.evaluation.metrics.fidelity.to_uint8_images`.
     """
     if images.ndim == 3:
         images = images[:, None]

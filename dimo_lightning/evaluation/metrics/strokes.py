@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch_fidelity import FeatureExtractorBase
 
 from dimo_lightning.assets import asset_path
+from dimo_lightning.core.weight_files import save_safetensors
 from dimo_lightning.data.mnist import load_mnist_split
 from dimo_lightning.evaluation.metrics.classifier import uint8_digits
 
@@ -194,7 +195,7 @@ def build_autoencoder_asset(seed: int = 0, path: str | Path | None = None) -> Pa
         "seed": str(seed),
         "val_mse": f"{val_mse:.6f}",
     }
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out), metadata=metadata)
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out, metadata=metadata)
     print(f"MNIST denoising autoencoder val reconstruction MSE: {val_mse:.5f}")
     return out
 
