@@ -141,8 +141,9 @@ def maskgit_decode(
     generator: torch.Generator | None = None,
     return_history: bool = False,
     cfg_batched: bool = True,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-    """MaskGIT iterative decoding from an all-mask sequence.
+    """MaskGIT iterative decoding from an all-mask sequence (or from ``initial``, whose unmasked entries stay).
 
     At step i the model scores every position; a token is drawn at each still-masked position; the scheduled
     number of drawn tokens with the highest confidence ``log p + tau_i * Gumbel`` (tau_i annealed linearly from
@@ -168,19 +169,44 @@ def maskgit_decode(
         cfg_batched: one network pass of 2B per guided step (True), or two passes of B. The logits agree up to
             float rounding (the matrix products are blocked differently); which is faster depends on the device
             and the batch (``dimo bench`` times both).
+        initial: optional (B, N) starting codes: the mask id where tokens are to be drawn, anything else (a text
+            prompt, ids of any range) where they are kept. Each row gets its own schedule over its own number of
+            masked positions (a row with fewer masked positions than ``steps`` reveals one per step, then waits;
+            steps in which no row reveals anything are skipped). None: all-mask codes (the image path, whose draws it
+            leaves as they were).
 
     Returns:
-        Codes (B, N) in [0, K), and the list of per-step codes if ``return_history``.
+        Codes (B, N): drawn entries in [0, K) (no mask left), kept entries of ``initial`` unchanged; and the list of
+        per-step codes if ``return_history``.
     """
-    counts = decode_schedule(steps, num_tokens, schedule)
+    row_counts = None  # (B, S) per-row reveal counts, when rows of ``initial`` have different numbers of masks
+    if initial is None:
+        counts = decode_schedule(steps, num_tokens, schedule)
+    else:
+        if tuple(initial.shape) != (batch_size, num_tokens):
+            raise ValueError(f"initial codes must be (B={batch_size}, N={num_tokens}), got {list(initial.shape)}")
+        masked = (initial == mask_id).sum(dim=1).tolist()
+        # A row with fewer masked positions than steps reveals one per step and then waits.
+        schedules = {m: decode_schedule(min(steps, m), m, schedule) + [0] * (steps - m) if 0 < m < steps
+                     else decode_schedule(steps, m, schedule) if m else [0] * steps for m in set(masked)}
+        if len(schedules) == 1:
+            counts = schedules[masked[0]]
+        else:
+            row_counts = torch.tensor([schedules[m] for m in masked], dtype=torch.long, device=initial.device)
+            counts = row_counts.max(dim=0).values.tolist()
     # Per-step constants on the host, once: the guidance scale and the confidence's Gumbel temperature.
     progress = [i / (steps - 1) if steps > 1 else 1.0 for i in range(steps)]
     scales = [1.0 + (cfg_scale - 1.0) * p if cfg_ramp else cfg_scale for p in progress]
     taus = [choice_temperature * (1.0 - p) if steps > 1 else 0.0 for p in progress]
-    codes = torch.full((batch_size, num_tokens), mask_id, dtype=torch.long, device=device)
+    if initial is None:
+        codes = torch.full((batch_size, num_tokens), mask_id, dtype=torch.long, device=device)
+    else:
+        codes = initial.to(device=device, dtype=torch.long)
     drop = None  # the CFG drop flags (2B, conditional half first; or B, all True, for the split form), made once
     history = []
     for i, count in enumerate(counts):
+        if count == 0:  # only from ``initial``: every row has revealed all its positions already
+            continue
         still_masked = codes == mask_id  # (B, N)
         if scales[i] == 1.0:
             logits = logits_fn(codes, None)[..., :codebook_size]
@@ -210,7 +236,11 @@ def maskgit_decode(
                 log_prob = log_prob + taus[i] * gumbel_noise(log_prob.shape, generator, log_prob.device)
             confidence = log_prob.masked_fill_(~still_masked, float("-inf"))
             chosen = confidence.topk(count, dim=-1).indices  # (B, count): exactly `count` new tokens per row
-            reveal = torch.zeros_like(still_masked).scatter_(1, chosen, True).logical_and_(still_masked)
+            if row_counts is None:
+                reveal = torch.zeros_like(still_masked).scatter_(1, chosen, True).logical_and_(still_masked)
+            else:  # row b takes the first row_counts[b, i] of the `count` (its row maximum) most confident
+                take = torch.arange(count, device=codes.device)[None] < row_counts[:, i : i + 1]
+                reveal = torch.zeros_like(still_masked).scatter_(1, chosen, take).logical_and_(still_masked)
         codes = torch.where(reveal, drawn, codes)
         if return_history:
             history.append(codes)  # torch.where made a new tensor: no clone needed

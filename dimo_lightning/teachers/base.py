@@ -38,6 +38,9 @@ class MaskedTeacher(nn.Module, ABC):
 
     network: nn.Module
     tokenizer: nn.Module
+    # What the codes stand for: "image" (token grids decoded to pixels) or "text" (token sequences decoded to
+    # strings, :class:`~dimo_lightning.teachers.sequence.SequenceTeacher`), so callbacks and reports can check they fit.
+    modality: str = "image"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Record every subclass's constructor arguments, so that a checkpoint can name the teacher it was trained
@@ -123,6 +126,11 @@ class MaskedTeacher(nn.Module, ABC):
         """Raise ``ValueError`` for a batch this teacher cannot condition on (e.g. labels out of range).
 
         Called on the host-side batch (``on_before_batch_transfer``), off the device hot path."""
+
+    def fix_positions(self, codes: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Codes (B, N) with the condition's fixed positions (a text prompt) written in. Image teachers have none:
+        the codes come back unchanged (the same tensor)."""
+        return codes
 
     @abstractmethod
     def condition_batch_size(self, cond: Any) -> int:
