@@ -95,7 +95,7 @@ def test_options_and_bad_arguments(folders):
     teacher = MDLMTeacher(str(mdlm), str(gpt2), seq_len=8, dtype="bfloat16", gradient_checkpointing=True)
     assert teacher.seq_len == 8 and teacher.network.token_embeddings().dtype == torch.bfloat16
     assert copy.deepcopy(teacher.network).gradient_checkpointing  # the student and aux copies inherit it
-    with pytest.raises(ValueError, match="seq_len must lie in"):
+    with pytest.raises(ValueError, match=r"teacher\.init_args\.seq_len must lie in \[2, 16\]"):
         MDLMTeacher(str(mdlm), str(gpt2), seq_len=17)
     with pytest.raises(ValueError, match="dtype must be one of"):
         MDLMTeacher(str(mdlm), str(gpt2), dtype="float16")
@@ -105,6 +105,8 @@ def test_options_and_bad_arguments(folders):
         LLaDATeacher(str(folders["llada"]), remasking="lowest")
     with pytest.raises(FileNotFoundError, match="mdlm-owt"):
         MDLMTeacher(str(mdlm / "missing"), str(gpt2))
+    with pytest.raises(FileNotFoundError, match=r"holds no tokenizer.*teacher\.init_args\.tokenizer"):
+        MDLMTeacher(str(mdlm))  # the released model folder has no tokenizer: GPT-2's is a separate download
 
 
 # ---- the condition --------------------------------------------------------------------------------------------------
@@ -344,3 +346,21 @@ def test_maskgit_from_all_mask_initial_codes_is_the_image_path(teachers):
     plain = maskgit_decode(*args, steps=6, generator=gen())
     initial = torch.full((2, 16), teacher.mask_id)
     assert torch.equal(maskgit_decode(*args, steps=6, generator=gen(), initial=initial), plain)
+
+
+def test_llada_chat_template_prompts_keep_ids_past_the_mask(folders):
+    with pytest.raises(ValueError, match="has no chat template"):
+        LLaDATeacher(str(folders["llada"]), seq_len=32, chat_template=True)
+    teacher = LLaDATeacher(str(folders["llada"]), seq_len=32)
+    teacher.text_tokenizer.chat_template = (  # the shape of LLaDA-8B-Instruct's template
+        "<|startoftext|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+        "<|end_header_id|>\n\n{% endif %}")
+    teacher.chat_template = True
+    cond = teacher.encode_condition(["Hi", "Hello world!"])
+    prompt_ids = cond.tokens[cond.fixed]
+    assert (prompt_ids > teacher.mask_id).any()  # header / end-of-turn tokens sit past the mask id
+    for decoding in ("block", "maskgit"):
+        codes = teacher.sample(cond, steps=4, decoding=decoding, generator=gen())
+        assert torch.equal(codes[cond.fixed], prompt_ids) and (codes[~cond.fixed] < teacher.mask_id).all()
+    assert teacher.split_text(codes, cond)[0][0] == "user\n\nHiassistant\n\n"  # special tokens skipped

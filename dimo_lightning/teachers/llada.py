@@ -14,7 +14,7 @@ padding, as LLaDA's are.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class LLaDATeacher(SequenceTeacher):
         temperature: block decoding's Gumbel temperature (0, LLaDA's default: greedy).
         skip_special_tokens: drop special tokens (``<|endoftext|>`` padding, ``<|eot_id|>``) when decoding text,
             as LLaDA's ``generate.py`` does.
+        chat_template: wrap each prompt in the tokenizer's chat template as one user turn with the generation prompt
+            (``apply_chat_template``), as ``generate.py`` does for LLaDA-8B-Instruct; off for the Base model.
     """
 
     DECODINGS = ("block", "maskgit")
@@ -62,6 +64,7 @@ class LLaDATeacher(SequenceTeacher):
         remasking: str = "low_confidence",
         temperature: float = 0.0,
         skip_special_tokens: bool = True,
+        chat_template: bool = False,
     ) -> None:
         super().__init__()
         torch_dtype = parse_dtype(dtype)
@@ -72,12 +75,22 @@ class LLaDATeacher(SequenceTeacher):
         tokenizer_folder = folder if tokenizer is None else Path(tokenizer)
         self.text_tokenizer = load_text_tokenizer(tokenizer_folder, "the tokenizer files of the LLaDA release "
                                                                     "(tokenizer.json, tokenizer_config.json)")
+        if chat_template and not getattr(self.text_tokenizer, "chat_template", None):
+            raise ValueError(f"chat_template is on but the tokenizer in {tokenizer_folder} has no chat template (the "
+                             "LLaDA-8B-Instruct release has one in tokenizer_config.json; Base prompts go as they are)")
+        self.chat_template = chat_template
         self.network = load_llada(folder, self.text_tokenizer, dtype=torch_dtype,
                                   gradient_checkpointing=gradient_checkpointing)
         config = self.network.config
         self._set_sequence(config.max_sequence_length if seq_len is None else seq_len, config.max_sequence_length,
                            config.mask_token_id, decoding, skip_special_tokens, f"the LLaDA in {folder}")
         self.eval().requires_grad_(False)
+
+    def prompt_texts(self, prompts: Sequence[str]) -> list[str]:
+        if not self.chat_template:
+            return list(prompts)
+        return [self.text_tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                        tokenize=False) for p in prompts]
 
     def _forward(self, network: nn.Module, codes: torch.Tensor, embeds: torch.Tensor | None,
                  sigma: torch.Tensor | None) -> torch.Tensor:

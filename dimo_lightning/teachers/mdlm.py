@@ -20,7 +20,8 @@ from dimo_lightning.teachers.sequence import SequenceTeacher, parse_dtype
 from dimo_lightning.tokenizers.text import load_text_tokenizer
 
 TOKENIZER_LAYOUT = ("a GPT-2 tokenizer folder (tokenizer.json, or vocab.json + merges.txt), e.g. a download of the "
-                    "Hugging Face repo gpt2; MDLM's vocabulary is its ids plus one appended mask")
+                    "Hugging Face repo gpt2, given as --model.init_args.teacher.init_args.tokenizer (the mdlm-owt "
+                    "release has none); MDLM's vocabulary is its ids plus one appended mask")
 
 
 class MDLMTeacher(SequenceTeacher):

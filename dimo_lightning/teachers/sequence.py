@@ -66,8 +66,8 @@ class SequenceTeacher(MaskedTeacher):
                       skip_special_tokens: bool, source: str) -> None:
         """Record L, K (= the mask id) and the defaults; ``max_len`` is the network's length limit (for errors)."""
         if not 2 <= seq_len <= max_len:
-            raise ValueError(f"seq_len must lie in [2, {max_len}] (the length {source} was trained at; one position "
-                             f"for a prompt token, one to generate), got {seq_len}")
+            raise ValueError(f"{SEQ_LEN_FLAG} must lie in [2, {max_len}] (the length {source} was trained at; one "
+                             f"position for a prompt token, one to generate), got {seq_len}")
         if decoding not in self.DECODINGS:
             raise ValueError(f"decoding must be one of {', '.join(self.DECODINGS)} for {type(self).__name__}, got "
                              f"{decoding!r}")
@@ -129,8 +129,9 @@ class SequenceTeacher(MaskedTeacher):
         return PrefixCondition.unconditional(len(seeds), self.seq_len, self.mask_id, seeds.device)
 
     def encode_prompts(self, prompts: Sequence[str], source: str | None = None) -> PrefixCondition:
-        """Prompts -> PrefixCondition with each prompt's ids fixed at positions [0, len) (CPU tensors)."""
-        ids = encode_texts(self.text_tokenizer, prompts)
+        """Prompts -> PrefixCondition with each prompt's ids (of :meth:`prompt_texts`) fixed at positions [0, len)
+        (CPU tensors)."""
+        ids = encode_texts(self.text_tokenizer, self.prompt_texts(prompts))
         limit = self.seq_len - 1
         for i, row in enumerate(ids):
             if len(row) > limit:
@@ -146,6 +147,10 @@ class SequenceTeacher(MaskedTeacher):
             tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             fixed[i, : len(row)] = True
         return PrefixCondition(tokens=tokens, fixed=fixed)
+
+    def prompt_texts(self, prompts: Sequence[str]) -> list[str]:
+        """The texts that are tokenised for ``prompts`` (the prompts themselves; a chat model wraps them)."""
+        return list(prompts)
 
     def condition_batch_size(self, cond: PrefixCondition) -> int:
         return condition_batch_size(cond)

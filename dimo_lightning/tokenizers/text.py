@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
 
 def load_text_tokenizer(folder: str | Path, layout: str = "") -> Any:
     """A transformers tokenizer from a local folder, never running code from it.
@@ -19,7 +21,8 @@ def load_text_tokenizer(folder: str | Path, layout: str = "") -> Any:
     ``vocab.json`` + ``merges.txt``) through ``AutoTokenizer`` with ``trust_remote_code=False``.
 
     Raises:
-        FileNotFoundError: the folder does not exist (the message names it and ``layout``).
+        FileNotFoundError: the folder does not exist or holds none of :data:`TOKENIZER_FILES` (the message names it
+            and ``layout``).
         ValueError: transformers cannot load a tokenizer from it.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -28,6 +31,8 @@ def load_text_tokenizer(folder: str | Path, layout: str = "") -> Any:
     hint = f". Expected: {layout}" if layout else ""
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} not found{hint}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}){hint}")
     try:
         if (folder / "tokenizer.json").is_file():
             return PreTrainedTokenizerFast.from_pretrained(str(folder))
