@@ -17,7 +17,7 @@ from dimo_lightning.core.conditions import (
 )
 from dimo_lightning.core.sampling import maskgit_decode
 from dimo_lightning.core.subs import subs_log_probs
-from dimo_lightning.core.text_decoding import transfer_counts
+from dimo_lightning.core.text_decoding import ancestral_decode, transfer_counts
 from dimo_lightning.teachers.base import MaskedTeacher
 from dimo_lightning.teachers.llada import LLaDATeacher
 from dimo_lightning.teachers.mdlm import MDLMTeacher
@@ -364,3 +364,28 @@ def test_llada_chat_template_prompts_keep_ids_past_the_mask(folders):
         codes = teacher.sample(cond, steps=4, decoding=decoding, generator=gen())
         assert torch.equal(codes[cond.fixed], prompt_ids) and (codes[~cond.fixed] < teacher.mask_id).all()
     assert teacher.split_text(codes, cond)[0][0] == "user\n\nHiassistant\n\n"  # special tokens skipped
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_ancestral_step_reveals_at_the_schedules_rate_with_the_models_distribution(precision):
+    """Two steps over 1 -> 1e-5: the first keeps a position masked with probability s / t = 1/2 (up to the eps) and
+    otherwise draws from p_theta; the second reveals all but a share s / t = 2e-5, which the noise removal fills with
+    the argmax."""
+    probs = torch.tensor([1.0, 2.0, 5.0]) / 8
+    seen = []
+
+    def logits_fn(codes, sigma):
+        seen.append(codes.clone())
+        return probs.log().expand(*codes.shape, 3)
+
+    initial = torch.full((1, 20_000), 3)
+    initial[0, :10] = 7  # a prompt id past the vocabulary is kept
+    out = ancestral_decode(logits_fn, initial, 3, steps=2, precision=precision, cache=False, generator=gen())
+    after_first = seen[1][0, 10:]
+    revealed = after_first[after_first != 3]
+    assert abs(len(revealed) / len(after_first) - 0.5) < 0.02
+    frequencies = torch.bincount(revealed, minlength=3).float() / len(revealed)
+    assert torch.allclose(frequencies, probs, atol=0.02)
+    assert (out[0, :10] == 7).all() and (out[0, 10:] < 3).all()
+    second = out[0, 10:][after_first == 3]  # drawn by the last step (all but ~2e-5 of them), from p_theta too
+    assert torch.allclose(torch.bincount(second, minlength=3).float() / len(second), probs, atol=0.02)
