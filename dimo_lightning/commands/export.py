@@ -21,7 +21,8 @@ def export_command(ckpt_path: str, output: str, ema: bool | None = None,
     Args:
         ckpt_path: the Lightning checkpoint (e.g. runs/mnist_dimo/version_0/checkpoints/last.ckpt).
         output: folder for model.safetensors, config.json (and tokenizer.safetensors; text_encoder/ and
-            text_tokenizer/ for a text-to-image student).
+            text_tokenizer/ for a text-to-image student; network/ in the released MDLM / LLaDA layout and tokenizer/
+            for a text student).
         ema: true: the StudentEMA average; false: the raw student; unset: the EMA when the checkpoint has one.
         format: dimo (model.safetensors + config.json for `dimo sample`) or diffusers (OUTPUT/transformer/ in the
             released Meissonic / aMUSEd layout, loadable as MeissonicTeacher(transformer=...) or by their pipelines).

@@ -1,5 +1,7 @@
 """``dimo sample --student DIR --labels 0,1,2 --num 8 --output OUT`` (``--prompts FILE`` or ``--prompt TEXT`` for a
-prompt student): PNGs, ``grid.png`` and ``samples.npz`` from an exported student, and the image helpers it uses.
+prompt student): PNGs, ``grid.png`` and ``samples.npz`` from an exported student, and the image helpers it uses. A text
+student (``--prompt TEXT`` / ``--prompts FILE``, or ``--num N`` alone for unconditional texts) prints its texts and
+writes ``OUT/samples.jsonl``.
 
 This module imports no Lightning, so Lightning-free sampling scripts can use :func:`parse_labels`, :func:`image_grid`
 and :func:`save_png` too.
@@ -7,6 +9,7 @@ and :func:`save_png` too.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,12 +67,18 @@ def sample_command(
         prompts: text-to-image students: a .txt (one prompt a line) or .jsonl ({"prompt": ...} a line) file, or a
             ``package.module:function`` returning prompts (e.g. dimo_lightning.data.captions:eval_prompts).
         prompt: text-to-image students: one prompt.
+
+    A text student takes ``--prompt`` / ``--prompts`` (``num`` completions each) or neither (``num`` unconditional
+    texts): the texts are printed and written to ``OUTPUT/samples.jsonl`` (see :func:`sample_texts`).
     """
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num and --batch_size must be >= 1, got {num} and {batch_size}")
     if prompts is not None and prompt is not None:
         raise ValueError("give --prompts FILE or --prompt TEXT, not both")
     pipeline = load_student(student, device)
+    if pipeline.conditioning_type == "text":  # a text student (a sequence teacher's): strings, not images
+        sample_texts(pipeline, student, labels, num, output, seed, batch_size, temperature, prompts, prompt)
+        return
     text_student = pipeline.conditioning_type == "prompt"
     if text_student:
         if labels is not None:
@@ -122,6 +131,37 @@ def sample_command(
         del array
         staging.unlink(missing_ok=True)
     print(f"wrote {len(conditions)} samples to {out / 'samples.npz'}, PNGs in {png_dir}, grid {out / 'grid.png'}")
+
+
+def sample_texts(pipeline, student: str, labels: str | None, num: int, output: str | None, seed: int,
+                 batch_size: int, temperature: float | None, prompts: str | None, prompt: str | None) -> list[dict]:
+    """``dimo sample`` of a text student: ``num`` texts per prompt (``--prompt`` / ``--prompts``), or ``num``
+    unconditional texts; each printed (prompt + completion) and written to ``OUTPUT/samples.jsonl`` as
+    ``{"index", "prompt", "text"}`` (``text``: the completion) -> the records."""
+    if labels is not None:
+        raise ValueError(f"--labels: {student} is a text student; give --prompt TEXT, --prompts FILE, or --num N "
+                         "alone for unconditional texts")
+    requested = [prompt] if prompt is not None else read_prompt_source(prompts) if prompts is not None else None
+    conditions: list[str] | None = [p for p in requested for _ in range(num)] if requested is not None else None
+    total = len(conditions) if conditions is not None else num
+    records = []
+    for i, start in enumerate(range(0, total, batch_size)):
+        stop = min(start + batch_size, total)
+        batch = conditions[start:stop] if conditions is not None else stop - start  # prompts, or a count
+        pairs = pipeline.texts(batch, seed=seed + i, temperature=temperature)
+        for k, (text_prompt, completion) in enumerate(pairs, start=start):
+            records.append({"index": k, "prompt": conditions[k] if conditions is not None else text_prompt,
+                            "text": completion})
+    for record in records:
+        print(f"=== sample {record['index']} ===\n{record['prompt']}{record['text']}")
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "samples.jsonl").open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        print(f"wrote {len(records)} texts to {out / 'samples.jsonl'}")
+    return records
 
 
 def read_prompt_source(source: str) -> list[str]:

@@ -11,7 +11,9 @@
   path), the teacher it was distilled from (class path and arguments, for the record: sampling never loads it) and
   the sampling defaults (r_init, sigma, temperature, top-k/p);
 * for a prompt (text-to-image) student also ``DIR/text_encoder/`` and ``DIR/text_tokenizer/``, the teacher's frozen
-  text encoder and its tokenizer (see :mod:`dimo_lightning.inference.prompt_export`).
+  text encoder and its tokenizer (see :mod:`dimo_lightning.inference.prompt_export`);
+* a text student (a sequence teacher's) has its own folder: ``network/`` in the released MDLM / LLaDA layout and
+  ``tokenizer/`` (see :mod:`dimo_lightning.inference.text_export`).
 
 :func:`load_student` rebuilds a ready :class:`~dimo_lightning.inference.pipeline.OneStepPipeline` from such a
 folder (with a :class:`~dimo_lightning.inference.pipeline.LabelConditioner`, or a
@@ -41,6 +43,12 @@ from dimo_lightning.inference.prompt_export import (
     export_prompt_conditioning,
     load_prompt_encoder,
     prompt_conditioning_record,
+)
+from dimo_lightning.inference.text_export import (
+    export_text_student,
+    is_text_record,
+    load_text_student,
+    text_checkpoint_records,
 )
 from dimo_lightning.teachers.base import ClassConditionalTeacher, import_class
 from dimo_lightning.teachers.prompt import TextConditionalTeacher
@@ -81,6 +89,8 @@ def checkpoint_records(module: Any) -> dict[str, Any]:
     """
 
     teacher = module.teacher
+    if getattr(teacher, "modality", "image") == "text":  # sequence teachers: inference.text_export
+        return text_checkpoint_records(module)
     conditioning = None
     if isinstance(teacher, ClassConditionalTeacher):
         conditioning = {"type": "class_label", "num_classes": int(teacher.num_classes)}
@@ -168,6 +178,11 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
     if not isinstance(records, Mapping):
         raise ValueError(f"{ckpt_path} (--ckpt_path) has no export record: it was written by an older dimo-lightning"
                          " (re-save it by resuming for one step) or not by DiMOModule")
+    if is_text_record(records):
+        if format != "dimo":
+            raise ValueError(f"{ckpt_path} holds a text student: it exports with --format dimo (its network folder is "
+                             "in the released MDLM / LLaDA layout)")
+        return _export_text(checkpoint, records, ckpt_path, output, ema)
     if format == "diffusers":
         return export_diffusers_transformer(checkpoint, records, ckpt_path, output, ema)
     for name, why in (("network", "its network has no `config` with its constructor arguments"),
@@ -214,6 +229,24 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _export_text(checkpoint: Mapping[str, Any], records: Mapping[str, Any], ckpt_path: str | Path,
+                 output: str | Path, ema: bool | None) -> Path:
+    """A text student's export (:mod:`dimo_lightning.inference.text_export`) with the entries every export has."""
+    weights, source = student_weights(checkpoint, ema)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    teacher = hparams.get("teacher")
+    common = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "weights_source": source,
+        "sampling": SamplingDefaults.from_hparams(hparams, records["emb_noise_scale"]).to_dict(),
+        "teacher": teacher if isinstance(teacher, Mapping) else None,
+        "generator_step": int((checkpoint.get("dimo") or {}).get("generator_step", 0)),
+        "checkpoint": str(Path(ckpt_path).resolve()),
+    }
+    return export_text_student(records, weights, output, ckpt_path, common)
 
 
 DIFFUSERS_SUBFOLDER = "transformer"
@@ -297,10 +330,13 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
 def load_student(directory: str | Path, device: str | torch.device = "cpu") -> OneStepPipeline:
     """A ready :class:`~dimo_lightning.inference.pipeline.OneStepPipeline` from a ``dimo export`` folder (no
     Lightning import): the student network, its conditioner (class labels, or prompts through the exported text
-    encoder), its tokenizer and the exported sampling defaults."""
+    encoder), its tokenizer and the exported sampling defaults. A text student gives a
+    :class:`~dimo_lightning.inference.text_pipeline.TextPipeline`, whose call returns strings."""
 
     folder = Path(directory)
     config = read_export_config(folder)
+    if config["conditioning"].get("type") == "text":  # a TextPipeline: its call returns strings
+        return load_text_student(config, folder, device)
     network_class = import_class(config["network"]["class_path"])
     with torch.device("meta"):  # no random init: every tensor comes from the file
         network = network_class(**config["network"]["init_args"])

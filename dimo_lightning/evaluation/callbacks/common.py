@@ -70,6 +70,15 @@ def student_pipeline(pl_module: pl.LightningModule, network: nn.Module | None = 
     return OneStepPipeline.from_teacher(pl_module.teacher, network, pl_module.sampling_defaults(), pl_module.device)
 
 
+def require_image_teacher(teacher: Any, flag: str) -> None:
+    """Raise a clear error when ``teacher`` is not an image teacher (``teacher.modality``); ``flag`` names the
+    callback."""
+    modality = getattr(teacher, "modality", "image")
+    if modality != "image":
+        raise ValueError(f"{flag} evaluates image teachers (modality 'image'); {type(teacher).__name__} has modality "
+                         f"{modality!r}: use TextEvaluationReport / TextMonitor instead")
+
+
 def load_accuracy_network(name: str | None, device: torch.device | str = "cpu") -> nn.Module | None:
     """The class-accuracy network for ``name`` (``mnist-cnn`` or None): images (B, 1, H, W) -> logits (B, C)."""
     if name is None:

@@ -16,6 +16,7 @@ from dimo_lightning.evaluation.callbacks.common import (
     check_accuracy_network,
     evaluation_conditions,
     load_accuracy_network,
+    require_image_teacher,
     shared_extractor,
     shared_reference,
     student_pipeline,
@@ -92,6 +93,7 @@ class EvaluationReport(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "validate" or (stage == "fit" and self.run_on_fit_end):
+            require_image_teacher(pl_module.teacher, "EvaluationReport")
             device = trainer.strategy.root_device
             self.extractor = shared_extractor(self.extractor_name, self.weights_path, device,
                                               "EvaluationReport.extractor")

@@ -17,6 +17,7 @@ from dimo_lightning.evaluation.callbacks.common import (
     check_accuracy_network,
     evaluation_conditions,
     load_accuracy_network,
+    require_image_teacher,
     shared_extractor,
     shared_reference,
     student_pipeline,
@@ -136,6 +137,7 @@ class FIDMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        require_image_teacher(pl_module.teacher, "FIDMonitor")
         device = trainer.strategy.root_device
         self.extractor = shared_extractor(self.extractor_name, self.weights_path, device, "FIDMonitor.extractor")
         self.reference = shared_reference(self.reference_spec, self.extractor, "FIDMonitor.reference",

@@ -14,7 +14,7 @@ from typing_extensions import override
 from dimo_lightning.core.run_directory import run_directory
 from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.core.sharding import batch_spans, slice_conditions
-from dimo_lightning.evaluation.callbacks.common import student_pipeline
+from dimo_lightning.evaluation.callbacks.common import require_image_teacher, student_pipeline
 
 
 def grid_conditions(trainer: pl.Trainer, pl_module: pl.LightningModule, classes: Sequence[int] | None,
@@ -130,6 +130,10 @@ class SampleGrid(Callback):
             if prompts is not None and hasattr(experiment, "add_text"):
                 text = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))  # Markdown list, a row each
                 experiment.add_text("samples/prompts", text, global_step=step)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_image_teacher(pl_module.teacher, "SampleGrid")
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
