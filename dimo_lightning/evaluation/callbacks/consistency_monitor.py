@@ -89,7 +89,7 @@ class ConsistencyMonitor(Callback):
                 s, c = consistency_kl_by_band(
                     init_logits, lambda codes, cond=cond: teacher.apply_network(student, codes, cond), ratios,
                     teacher.mask_id, teacher.codebook_size, self.edges, generator,
-                    temperature=pl_module.hparams.student_temperature,
+                    temperature=pl_module.settings.student.temperature,
                 )
                 sums += s
                 counts += c

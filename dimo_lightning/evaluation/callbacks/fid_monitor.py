@@ -151,7 +151,7 @@ class FIDMonitor(Callback):
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = pl_module.generator_step
-        due = step % self.every == 0 or step >= pl_module.hparams.max_generator_steps
+        due = step % self.every == 0 or step >= pl_module.settings.optim.max_generator_steps
         if step == 0 or step == self._last_step or not due:
             return
         self._last_step = step
