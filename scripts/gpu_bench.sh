@@ -23,7 +23,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -m dimo_lightning bench --config configs/mnist/dimo.yaml \
   --model.init_args.teacher.init_args.checkpoint="$TEACHER_DIR/teacher.safetensors" \
   --model.init_args.teacher.init_args.codebook="$TEACHER_DIR/codebook.safetensors" \
-  --model.init_args.emb_noise_relative=false \
+  --model.init_args.student.emb_noise_relative=false \
   --data.init_args.num_classes=1000 --data.init_args.batch_size="$BATCH" \
   --trainer.accelerator="$ACCELERATOR" --trainer.precision="$PRECISION" \
   --repeats "$REPEATS" --warmup "$WARMUP" ${SKIP:+--skip-levers "$SKIP"} --output "$OUTPUT"

@@ -2,7 +2,7 @@
 
     python scripts/sweep_config.py /tmp/sw          # writes /tmp/sw/sweep.yaml, logs to /tmp/sw/runs
     OMP_NUM_THREADS=1 dimo fit --config /tmp/sw/sweep.yaml --trainer.logger.init_args.name=N \
-        --model.init_args.divergence_beta=0.0      # one variant (the sweeps ran two at a time, a thread each)
+        --model.init_args.targets.divergence_beta=0.0      # one variant (the sweeps ran two at a time, a thread each)
 
 jsonargparse cannot override single entries of the callback list from the command line, hence the copy.
 """
