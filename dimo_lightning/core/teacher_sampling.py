@@ -34,8 +34,8 @@ class TeacherSampling:
     """MaskGIT decoding of the teacher (see :func:`dimo_lightning.core.sampling.maskgit_decode`).
 
     Args:
-        steps: decoding steps of ``dimo predict`` with ``predict_with: teacher`` (the report has its own list of
-            step counts, one row each).
+        steps: decoding steps of ``dimo predict`` with ``sampling.predict_with: teacher`` (the report has its own
+            list of step counts, one row each).
         cfg_scale: classifier-free guidance; None uses the module's ``targets.cfg_scale`` (the distillation target).
         choice_temperature: initial Gumbel temperature of the confidence (MaskGIT: 4.5 for 256 tokens; the 49-token
             MNIST teacher is best at 16).

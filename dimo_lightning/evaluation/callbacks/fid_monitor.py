@@ -55,7 +55,7 @@ class FIDMonitor(Callback):
         accuracy_network: ``mnist-cnn`` or null.
         batch_size: sampling, decoding and feature batch size per rank.
         seed: seed of the samples (fixed across evaluations, so curves compare like with like).
-        temperature: sampling temperature (None: the module's ``sample_temperature``).
+        temperature: sampling temperature (None: the module's ``sampling.temperature``).
         second_extractor: a second feature space (e.g. ``mnist-dae``) on the same samples against the same
             reference: logs ``val/fid2``, ``val/precision2``, ``val/recall2``. None: off.
         second_weights_path: local weights of the second extractor.
