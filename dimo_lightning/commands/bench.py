@@ -45,8 +45,8 @@ from lightning.pytorch.callbacks import Callback
 
 from dimo_lightning.commands.cli import DiMOCLI
 from dimo_lightning.core.losses import aux_loss, generator_loss
-from dimo_lightning.core.masking import mask_tokens, sample_mask_ratio
-from dimo_lightning.core.sampling import sample_tokens
+from dimo_lightning.core.masking import remask
+from dimo_lightning.inference.one_step import TokenSampling, draw_tokens
 from dimo_lightning.training.settings import group_fields
 
 SCHEMA_VERSION = 1
@@ -249,9 +249,8 @@ class PassBench:
         sigma = pl_module.current_sigma()
         with torch.no_grad(), context():
             z = pl_module.student_logits(pl_module.student, cond, r_init, sigma, generator)
-            x = sample_tokens(z, s.student.temperature, exclude_ids=(teacher.mask_id,), generator=generator)
-            ratio = sample_mask_ratio(x.shape[0], s.targets.mask_schedule, generator, pl_module.device)
-            x_t, mask = mask_tokens(x, ratio, teacher.mask_id, generator)
+            x = draw_tokens(z, TokenSampling(s.student.temperature, exclude=(teacher.mask_id,)), generator)
+            x_t, mask, _ = remask(x, s.targets.mask_schedule, teacher.mask_id, generator)
             grad = torch.randn_like(z, dtype=torch.float32) * 1e-3
         self.batch_size = int(x.shape[0])
         student = pl_module.student

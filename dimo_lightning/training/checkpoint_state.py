@@ -186,7 +186,10 @@ def migrated_checkpoint(checkpoint_path: str | Path | IO) -> str | Path | IO:
     if not isinstance(checkpoint_path, (str, Path)) or not Path(checkpoint_path).is_file():
         return checkpoint_path  # file-like objects, remote URLs: Lightning reads them as they are
     path = Path(checkpoint_path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception:  # not plain (or not a checkpoint): Lightning's own loading reports it
+        return checkpoint_path
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
     if not isinstance(hparams, Mapping) or not needs_migration(hparams):
         return checkpoint_path
