@@ -178,6 +178,8 @@ def test_differing_arguments_compare_group_fields():
     assert differing_arguments(saved, current) == [("optim.max_generator_steps", 2, 5)]
     assert differing_arguments({"max_generator_steps": 2, "aux_rounds": 2}, current) == [
         ("aux.rounds", 2, 1), ("optim.max_generator_steps", 2, 5)]
+    # another module's arguments (teacher pretraining has its own `seed`) are compared as they are
+    assert differing_arguments({"seed": 1, "lr": 0.1}, {"seed": 2, "lr": 0.1}) == [("seed", 1, 2)]
 
 
 def test_checkpoint_and_student_init_read_with_weights_only(tiny_teacher, tmp_path):

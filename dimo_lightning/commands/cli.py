@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from dimo_lightning.training.checkpoint_state import migrate_hparams
 from dimo_lightning.training.progress import GeneratorStepProgressBar
-from dimo_lightning.training.settings import group_fields, legacy_key_message
+from dimo_lightning.training.settings import GROUPS, group_fields, legacy_key_message
 
 # `dimo <name> ...` for commands outside LightningCLI: name -> "module:function" (imported only when used). The
 # function's typed signature and Google docstring become the command's flags and help.
@@ -150,8 +150,9 @@ def differing_arguments(saved: dict[str, Any], init_args: Any) -> list[tuple[str
         return {**{k: v for k, v in arguments.items() if not k.startswith("_")}, **grouped}
 
     current = flat(init_args)
+    grouped = any(key.split(".")[0] in GROUPS for key in current)  # a DiMOModule: read old flat checkpoints in groups
     changed = []
-    for key, old in flat(migrate_hparams(saved)).items():
+    for key, old in flat(migrate_hparams(saved) if grouped else saved).items():
         if key not in current or not isinstance(old, plain):
             continue
         new = current[key]
