@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     from dimo_lightning.commands.cli import main as dimo
 
     dimo(["fit", "--config", str(HERE / "custom_teacher.yaml"),
-          f"--model.init_args.max_generator_steps={args.steps}", *extra])
+          f"--model.init_args.optim.max_generator_steps={args.steps}", *extra])
 
 
 if __name__ == "__main__":

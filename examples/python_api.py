@@ -29,6 +29,7 @@ from dimo_lightning.inference.export import export_student  # noqa: E402
 from dimo_lightning.training.ema import StudentEMA  # noqa: E402
 from dimo_lightning.training.module import DiMOModule  # noqa: E402
 from dimo_lightning.training.progress import GeneratorStepProgressBar  # noqa: E402
+from dimo_lightning.training.settings import OptimSettings, StudentSettings, TargetSettings  # noqa: E402
 
 
 def distill(steps: int, output: Path, batch_size: int = 16, progress_bar: bool = True) -> Path:
@@ -39,12 +40,9 @@ def distill(steps: int, output: Path, batch_size: int = 16, progress_bar: bool =
         teacher,
         optimizer_gen=functools.partial(torch.optim.Adam, lr=1e-4),  # an OptimizerCallable: params -> optimizer
         optimizer_aux=functools.partial(torch.optim.Adam, lr=4e-4),
-        max_generator_steps=steps,
-        r_init=0.6,
-        emb_noise_sigma=0.1,
-        emb_noise_relative=True,
-        teacher_cfg_scale=2.0,
-        train_dropout=False,
+        student=StudentSettings(r_init=0.6, emb_noise_sigma=0.1, emb_noise_relative=True),  # the settings groups
+        targets=TargetSettings(cfg_scale=2.0),
+        optim=OptimSettings(max_generator_steps=steps, train_dropout=False),
     )
     data = ClassLabelDataModule(num_classes=teacher.num_classes, batch_size=batch_size, batches_per_epoch=10)
     checkpoint = ModelCheckpoint(dirpath=output / "checkpoints", save_last=True)

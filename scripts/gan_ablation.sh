@@ -38,6 +38,6 @@ for arm in "${arms[@]}"; do
   start=$(date +%s)
   "${dimo[@]}" fit --config configs/mnist/dimo_gan.yaml --config configs/mnist/ablations/gan_base.yaml \
     --trainer.logger.init_args.version="$arm" --trainer.enable_progress_bar=false \
-    --model.init_args.student_init="$ckpt" "${flags[@]}" "${extra[@]}" > "runs/mnist_gan_ablation/$arm.log" 2>&1
+    --model.init_args.run.student_init="$ckpt" "${flags[@]}" "${extra[@]}" > "runs/mnist_gan_ablation/$arm.log" 2>&1
   echo "$arm: $(( $(date +%s) - start )) s" | tee -a runs/mnist_gan_ablation/times.txt
 done

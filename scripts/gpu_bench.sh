@@ -4,7 +4,7 @@
 # Dry run of the same Python path on a CPU with a tiny architecture:
 #   PRESET=tiny ACCELERATOR=cpu PRECISION=32-true BATCH=4 REPEATS=2 OUTPUT=/tmp/bench_dry.json bash scripts/gpu_bench.sh
 # Network passes of random weights cost what the released weights' do; sampling steps and CFG follow the MNIST
-# config's model settings (teacher_cfg_scale 2.0, aux_sample reuse), with the paper's absolute embedding noise.
+# config's model settings (targets.cfg_scale 2.0, aux.sample reuse), with the paper's absolute embedding noise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -23,7 +23,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" -m dimo_lightning bench --config configs/mnist/dimo.yaml \
   --model.init_args.teacher.init_args.checkpoint="$TEACHER_DIR/teacher.safetensors" \
   --model.init_args.teacher.init_args.codebook="$TEACHER_DIR/codebook.safetensors" \
-  --model.init_args.emb_noise_relative=false \
+  --model.init_args.student.emb_noise_relative=false \
   --data.init_args.num_classes=1000 --data.init_args.batch_size="$BATCH" \
   --trainer.accelerator="$ACCELERATOR" --trainer.precision="$PRECISION" \
   --repeats "$REPEATS" --warmup "$WARMUP" ${SKIP:+--skip-levers "$SKIP"} --output "$OUTPUT"

@@ -207,12 +207,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     teacher = RandomMaskGITTeacher(tiny=args.tiny)
-    module = DiMOModule(
-        teacher, max_generator_steps=args.iterations, r_init=0.6, emb_noise_sigma=0.1, teacher_cfg_scale=2.0,
-        divergence_beta=0.0, aux_label_smoothing=0.1, gen_grad_clip=1.0, aux_grad_clip=1.0, seed=0,
-        optimizer_gen=lambda p: torch.optim.Adam(p, lr=1e-5, eps=1e-6),
-        optimizer_aux=lambda p: torch.optim.Adam(p, lr=1e-5, eps=1e-6),
-    )
+    module = DiMOModule(teacher, optimizer_gen=lambda p: torch.optim.Adam(p, lr=1e-5, eps=1e-6),
+                        optimizer_aux=lambda p: torch.optim.Adam(p, lr=1e-5, eps=1e-6),
+                        student={"r_init": 0.6, "emb_noise_sigma": 0.1},
+                        targets={"cfg_scale": 2.0, "divergence_beta": 0.0},
+                        aux={"label_smoothing": 0.1},
+                        optim={"max_generator_steps": args.iterations, "gen_grad_clip": 1.0, "aux_grad_clip": 1.0},
+                        run={"seed": 0})
     strategy = (ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1) if args.strategy == "fsdp"
                 else DDPStrategy(find_unused_parameters=True))
     speed = Speed(args.warmup)

@@ -86,12 +86,13 @@ def run(args: argparse.Namespace) -> dict:
                                decode_batch_size=2)
     loaded = time.perf_counter()
     steps = args.warmup + args.iterations
-    module = DiMOModule(
-        teacher, max_generator_steps=steps, r_init=0.5, emb_noise_sigma=0.3, gen_mask_schedule="cosine",
-        aux_mask_schedule="cosine", mask_ratio_clamp=[0.02, 0.98], teacher_cfg_scale=4.0, fix_emb_layer=True,
-        optimizer_gen=lambda p: torch.optim.Adam(p, lr=1e-6, eps=1e-6),
-        optimizer_aux=lambda p: torch.optim.Adam(p, lr=1e-6, eps=1e-6), seed=42,
-    )
+    module = DiMOModule(teacher, optimizer_gen=lambda p: torch.optim.Adam(p, lr=1e-6, eps=1e-6),
+                        optimizer_aux=lambda p: torch.optim.Adam(p, lr=1e-6, eps=1e-6),
+                        student={"r_init": 0.5, "emb_noise_sigma": 0.3},
+                        targets={"mask_schedule": "cosine", "mask_ratio_clamp": [0.02, 0.98], "cfg_scale": 4.0},
+                        aux={"mask_schedule": "cosine"},
+                        optim={"max_generator_steps": steps, "fix_emb_layer": True},
+                        run={"seed": 42})
     speed = Speed(args.warmup)
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=1, precision=args.precision, max_epochs=-1, logger=False,

@@ -13,10 +13,13 @@ import torch
 from dimo_lightning.evaluation.metrics.fidelity import class_accuracy
 from dimo_lightning.evaluation.report import balanced_labels, generate_images, load_reference, score
 from dimo_lightning.teachers.mnist import MNISTTeacher
+from dimo_lightning.training.checkpoint_state import migrate_hparams
 from dimo_lightning.training.module import DiMOModule
 
-checkpoint = torch.load(sys.argv[1], weights_only=False, map_location="cpu")
-hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+checkpoint = torch.load(sys.argv[1], weights_only=True, map_location="cpu")
+# the settings groups (a checkpoint written before them is migrated); the teacher is the shipped one
+hparams = {k: v for k, v in migrate_hparams(checkpoint["hyper_parameters"]).items()
+           if not k.startswith("_") and k != "teacher"}
 module = DiMOModule(MNISTTeacher(), **hparams)
 module.load_state_dict(checkpoint["state_dict"], strict=False)  # the teacher is never in the checkpoint
 student = copy.deepcopy(module.student)

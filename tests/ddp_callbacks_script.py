@@ -63,7 +63,7 @@ def main(out_dir: str) -> None:
     plugins = [build(spec, {}) for spec in mnist["trainer"]["plugins"]]
 
     weights, codebook = save_tiny_mnist_teacher(out / "teacher")
-    module = DiMOModule(MNISTTeacher(str(weights), str(codebook)), max_generator_steps=4, seed=0)
+    module = DiMOModule(MNISTTeacher(str(weights), str(codebook)), optim={"max_generator_steps": 4}, run={"seed": 0})
     forwards = {"student": 0, "teacher": 0}  # sampling calls: equal on every rank, as sharded networks need
 
     def count(name, function):

@@ -32,9 +32,12 @@ def step_lr(optimizer):
 def build_module(teacher_dir: Path, max_generator_steps: int) -> DiMOModule:
     teacher = MNISTTeacher(str(teacher_dir / "teacher.safetensors"), str(teacher_dir / "codebook.safetensors"))
     return DiMOModule(
-        teacher, max_generator_steps=max_generator_steps, accumulate_micro_batches=2, r_init=[0.3, 0.9],
-        emb_noise_sigma=0.3, emb_noise_schedule="linear", emb_noise_warmup_steps=10, seed=0,
-        scheduler_gen=step_lr, scheduler_aux=step_lr, gen_grad_clip=GRAD_CLIP, aux_grad_clip=GRAD_CLIP,
+        teacher, scheduler_gen=step_lr, scheduler_aux=step_lr,
+        student={"r_init": [0.3, 0.9], "emb_noise_sigma": 0.3, "emb_noise_schedule": "linear",
+                 "emb_noise_warmup_steps": 10},
+        optim={"max_generator_steps": max_generator_steps, "accumulate_micro_batches": 2, "gen_grad_clip": GRAD_CLIP,
+               "aux_grad_clip": GRAD_CLIP},
+        run={"seed": 0},
     )
 
 
@@ -66,7 +69,7 @@ class Record(Callback):
         )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.labels.append(batch.tolist())
+        self.labels.append(batch.conditions.tolist())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         metrics = trainer.callback_metrics

@@ -13,6 +13,40 @@ from dimo_lightning.nn.transformer import MaskTransformer
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
 from dimo_lightning.tokenizers.vqgan import VQGANTokenizer
 
+SETTINGS_GROUPS = ("student", "targets", "aux", "optim", "sampling", "gan", "run")
+
+
+def merge_settings(defaults: dict, overrides: dict) -> dict:
+    """DiMOModule keyword arguments: ``overrides`` over ``defaults``, settings groups (plain dicts) merged field by
+    field, so ``optim={"max_generator_steps": 2}`` keeps the other ``optim`` defaults."""
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        if key in SETTINGS_GROUPS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def make_context(teacher, conditions, real=None, *, student=None, aux=None, r_init: float = 0.6,
+                 sigma: float = 0.1, noise_scale: float = 1.0, seed: int = 0, temperature: float = 1.0,
+                 exclude_mask: bool = True, gan_weight: float = 0.0):
+    """A hand-built one-micro-batch :class:`IterationContext` (student and aux: copies of the teacher's network)."""
+    import copy
+
+    from dimo_lightning.inference.one_step import StudentInput, TokenSampling
+    from dimo_lightning.objectives.context import IterationContext
+
+    exclude = (teacher.mask_id,) if exclude_mask and teacher.logit_width > teacher.mask_id else ()
+    return IterationContext(
+        teacher, student if student is not None else copy.deepcopy(teacher.network),
+        aux if aux is not None else copy.deepcopy(teacher.network), [conditions],
+        None if real is None else [real], StudentInput(r_init, sigma, noise_scale),
+        TokenSampling(temperature, exclude=exclude), torch.Generator().manual_seed(seed), torch.device("cpu"),
+        gan_weight=gan_weight,
+    )
+
+
 TINY_ARCH = dict(codebook_size=16, num_classes=10, grid_size=7, hidden_dim=32, depth=1, heads=2, mlp_dim=64,
                  dropout=0.1)
 

@@ -30,7 +30,7 @@ class FirstBatch(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.batch is None:
-            self.batch = batch.clone()
+            self.batch = batch.conditions.clone()
 
 
 def trainer_for(tmp_path, callbacks=(), **kwargs):
@@ -44,10 +44,11 @@ def test_aux_mode_none_gradient_is_the_students_own_by_hand(tiny_teacher, tmp_pa
     the Di[M]O surrogate whose aux conditionals are the student's own detached logits on x_t, computed here from
     the formulas (FKL p_S - p_T, RKL p_S (log p_S - log p_T - KL), beta-mixed, masked positions, / B)."""
     beta = 0.5
-    module = DiMOModule(
-        tiny_teacher, optimizer_gen=lambda p: torch.optim.SGD(p, lr=1.0), aux_mode="none", max_generator_steps=1,
-        r_init=0.6, emb_noise_sigma=0.1, divergence_beta=beta, gen_grad_clip=0.0, train_dropout=False, seed=3,
-    )
+    module = DiMOModule(tiny_teacher, optimizer_gen=lambda p: torch.optim.SGD(p, lr=1.0),
+                        student={"r_init": 0.6, "emb_noise_sigma": 0.1},
+                        targets={"divergence_beta": beta}, aux={"mode": "none"},
+                        optim={"max_generator_steps": 1, "gen_grad_clip": 0.0, "train_dropout": False},
+                        run={"seed": 3})
     start = copy.deepcopy(module.student)
     aux_before = copy.deepcopy(module.aux.state_dict())
     aux_calls = []
@@ -89,10 +90,10 @@ def test_aux_mode_none_gradient_is_the_students_own_by_hand(tiny_teacher, tmp_pa
 
 
 def test_aux_mode_none_checkpoint_resumes(tiny_teacher, tmp_path):
-    module = DiMOModule(tiny_teacher, aux_mode="none", max_generator_steps=1, seed=0)
+    module = DiMOModule(tiny_teacher, aux={"mode": "none"}, optim={"max_generator_steps": 1}, run={"seed": 0})
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer_for(tmp_path, [ckpt]).fit(module, ClassLabelDataModule(10, 8, 4))
-    resumed = DiMOModule(tiny_teacher, aux_mode="none", max_generator_steps=2, seed=0)
+    resumed = DiMOModule(tiny_teacher, aux={"mode": "none"}, optim={"max_generator_steps": 2}, run={"seed": 0})
     trainer_for(tmp_path).fit(resumed, ClassLabelDataModule(10, 8, 4), ckpt_path=str(tmp_path / "ckpt/last.ckpt"))
     assert resumed.generator_step == 2
     for a, b in zip(resumed.aux.parameters(), tiny_teacher.network.parameters()):
@@ -100,10 +101,10 @@ def test_aux_mode_none_checkpoint_resumes(tiny_teacher, tmp_path):
 
 
 def test_bad_ablation_arguments_name_the_flag(tiny_teacher):
-    with pytest.raises(ValueError, match="aux_mode"):
-        DiMOModule(tiny_teacher, aux_mode="half")
-    with pytest.raises(ValueError, match="gen_mask_ratio_band"):
-        DiMOModule(tiny_teacher, gen_mask_ratio_band=[0.7, 0.3])
+    with pytest.raises(ValueError, match="aux.mode"):
+        DiMOModule(tiny_teacher, aux={"mode": "half"})
+    with pytest.raises(ValueError, match="targets.mask_ratio_band"):
+        DiMOModule(tiny_teacher, targets={"mask_ratio_band": [0.7, 0.3]})
 
 
 # ---- mask-ratio bands -----------------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def test_clamp_piles_draws_on_the_band_edge():
 
 
 def test_module_masks_the_generator_update_within_the_band(tiny_teacher, tmp_path, monkeypatch):
-    import dimo_lightning.training.module as module_file
+    import dimo_lightning.core.masking as module_file  # every re-mask draws its ratios here (core.masking.remask)
 
     seen = []
     real = module_file.sample_mask_ratio
@@ -141,7 +142,8 @@ def test_module_masks_the_generator_update_within_the_band(tiny_teacher, tmp_pat
         return ratio
 
     monkeypatch.setattr(module_file, "sample_mask_ratio", spy)
-    module = DiMOModule(tiny_teacher, max_generator_steps=2, gen_mask_ratio_band=[0.7, 1.0], seed=0)
+    module = DiMOModule(tiny_teacher, targets={"mask_ratio_band": [0.7, 1.0]}, optim={"max_generator_steps": 2},
+                        run={"seed": 0})
     trainer_for(tmp_path).fit(module, ClassLabelDataModule(10, 8, 4))
     generator_draws = [r for band, r in seen if band is not None]
     aux_draws = [r for band, r in seen if band is None]
@@ -219,7 +221,7 @@ def test_diagnostic_is_zero_for_a_student_that_ignores_its_input(tiny_teacher):
 
 def test_consistency_monitor_logs_bands_without_touching_training(tiny_teacher, tmp_path):
     def fit(callbacks):
-        module = DiMOModule(tiny_teacher, max_generator_steps=2, seed=0, train_dropout=False)
+        module = DiMOModule(tiny_teacher, optim={"max_generator_steps": 2, "train_dropout": False}, run={"seed": 0})
         trainer = trainer_for(tmp_path, callbacks)
         trainer.fit(module, ClassLabelDataModule(10, 8, 4))
         return module, trainer

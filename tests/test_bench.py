@@ -84,9 +84,9 @@ def test_set_full_head_and_compile_switch_validation():
 
 
 def test_compile_switch_builds_and_keeps_checkpoint_keys(tiny_teacher):
-    plain = DiMOModule(tiny_teacher, seed=0, full_output_head=True)
+    plain = DiMOModule(tiny_teacher, run={"seed": 0, "full_output_head": True})
     assert plain.student.full_head and plain.aux.full_head and tiny_teacher.network.full_head
-    compiled = DiMOModule(tiny_teacher, seed=0, compile_networks=["student", "aux"])
+    compiled = DiMOModule(tiny_teacher, run={"seed": 0, "compile_networks": ["student", "aux"]})
     assert compiled.student._compiled_call_impl is not None and compiled.aux._compiled_call_impl is not None
     assert compiled.teacher.network._compiled_call_impl is None
     assert not compiled.student.full_head  # the module's default computes only the returned logits
@@ -189,7 +189,7 @@ def test_dimo_bench_rejects_bad_flags(capsys):
 
 def test_fid_is_recorded_against_wall_time_and_plotted(tiny_teacher, tmp_path):
     fid = FIDMonitor(every_n_generator_steps=1, num_samples=20, batch_size=20)
-    module = DiMOModule(tiny_teacher, max_generator_steps=2, seed=0)
+    module = DiMOModule(tiny_teacher, optim={"max_generator_steps": 2}, run={"seed": 0})
     trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="run"), callbacks=[fid],
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          num_sanity_val_steps=0, limit_val_batches=0, max_epochs=-1)

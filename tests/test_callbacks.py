@@ -32,7 +32,7 @@ def trainer(tmp_path, callbacks, **kwargs):
 def test_callbacks_under_fast_dev_run(tiny_teacher, tmp_path):
     fid = FIDMonitor(every_n_generator_steps=1, num_samples=40, batch_size=20)
     grid = SampleGrid(every_n_generator_steps=1, samples_per_class=2)
-    module = DiMOModule(tiny_teacher, max_generator_steps=5, seed=0)
+    module = DiMOModule(tiny_teacher, optim={"max_generator_steps": 5}, run={"seed": 0})
     t = trainer(tmp_path, [StudentEMA(0.9), fid, grid], fast_dev_run=1)
     t.fit(module, ClassLabelDataModule(10, 8, 3))
     metrics = t.callback_metrics
@@ -45,7 +45,7 @@ def test_callbacks_under_fast_dev_run(tiny_teacher, tmp_path):
 
 def test_report_schema_and_files(tiny_teacher, tmp_path, capsys):
     report = EvaluationReport(num_samples=40, teacher_steps=[1, 2], batch_size=20, teacher_cfg_scale=2.0)
-    module = DiMOModule(tiny_teacher, max_generator_steps=2, seed=0)
+    module = DiMOModule(tiny_teacher, optim={"max_generator_steps": 2}, run={"seed": 0})
     ema = StudentEMA(0.9)
     t = trainer(tmp_path, [ema, report], max_epochs=-1)
     t.fit(module, ClassLabelDataModule(10, 8, 3))
@@ -67,7 +67,7 @@ def test_report_schema_and_files(tiny_teacher, tmp_path, capsys):
     ckpt = tmp_path / "m.ckpt"
     t.save_checkpoint(ckpt)
     report2 = EvaluationReport(num_samples=40, teacher_steps=[], batch_size=20)
-    fresh = DiMOModule(tiny_teacher, max_generator_steps=2, seed=0)
+    fresh = DiMOModule(tiny_teacher, optim={"max_generator_steps": 2}, run={"seed": 0})
     ema2 = StudentEMA(0.9)
     trainer(tmp_path / "v", [ema2, report2]).validate(fresh, ClassLabelDataModule(10, 8, 3), ckpt_path=str(ckpt))
     assert [r.model for r in report2.rows] == ["student"]
@@ -78,7 +78,7 @@ def test_report_schema_and_files(tiny_teacher, tmp_path, capsys):
 
 def test_predict_streams_ordered_shards_and_png(tiny_teacher, tmp_path):
     writer = SampleWriter(shard_size=12, max_png=5)
-    module = DiMOModule(tiny_teacher, seed=0)
+    module = DiMOModule(tiny_teacher, run={"seed": 0})
     predictions = trainer(tmp_path, [writer]).predict(module, ClassLabelDataModule(10, 8, 3, predict_samples=30))
     index = read_prediction_index(writer.path)
     assert writer.path == tmp_path / "run" / "version_0" / "predictions"
@@ -96,8 +96,8 @@ def test_predict_streams_ordered_shards_and_png(tiny_teacher, tmp_path):
     assert source.count == 30 and torch.equal(torch.cat(list(source.batches(7))),
                                               torch.from_numpy(images).permute(0, 3, 1, 2))
     # teacher sampling through the same command, and seeded: two runs agree
-    module.hparams.predict_with = "teacher"
-    module.teacher_sampling.steps = 4
+    module.settings.sampling.predict_with = "teacher"
+    module.settings.sampling.teacher.steps = 4
     w2, w3 = SampleWriter(str(tmp_path / "t1"), max_png=0), SampleWriter(str(tmp_path / "t2"), max_png=0)
     trainer(tmp_path, [w2]).predict(module, ClassLabelDataModule(10, 8, 3, predict_samples=30))
     trainer(tmp_path, [w3]).predict(module, ClassLabelDataModule(10, 8, 3, predict_samples=30))
@@ -138,7 +138,7 @@ def test_shards_of_the_evaluation():
 
 
 def test_sample_grid_batches_and_caps(tiny_teacher, tmp_path, monkeypatch):
-    module = DiMOModule(tiny_teacher, max_generator_steps=1, seed=0)
+    module = DiMOModule(tiny_teacher, optim={"max_generator_steps": 1}, run={"seed": 0})
     calls = []
     original = OneStepPipeline.sample_codes
 
@@ -183,7 +183,7 @@ def test_reference_is_checked_before_the_first_step(tiny_teacher, tmp_path):
     modules = []
 
     def fit_with(reference: str) -> None:
-        modules.append(DiMOModule(tiny_teacher, max_generator_steps=3, seed=0))
+        modules.append(DiMOModule(tiny_teacher, optim={"max_generator_steps": 3}, run={"seed": 0}))
         trainer(tmp_path, [FIDMonitor(every_n_generator_steps=1, reference=reference)], max_epochs=-1).fit(
             modules[-1], ClassLabelDataModule(10, 8, 3))
 

@@ -54,8 +54,8 @@ def test_unknown_key_is_rejected_with_its_name(capsys):
 
 def test_bad_choice_names_the_flag(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(ROOT / "configs/mnist/dimo.yaml"), "--model.init_args.aux_sample=both"])
-    assert "--model.init_args.aux_sample" in capsys.readouterr().err
+        main(["fit", "--config", str(ROOT / "configs/mnist/dimo.yaml"), "--model.init_args.aux.sample=both"])
+    assert "--model.init_args.aux.sample" in capsys.readouterr().err
 
 
 def test_generator_step_progress_bar_is_added_unless_disabled():
@@ -84,7 +84,7 @@ def _mnist_dimo_args(steps: int) -> list[str]:
         "--config", str(ROOT / "configs/mnist/dimo.yaml"), "--trainer.enable_progress_bar=false",
         "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
         "init_args: {save_last: true}}]",
-        f"--model.init_args.max_generator_steps={steps}", "--data.init_args.batch_size=4",
+        f"--model.init_args.optim.max_generator_steps={steps}", "--data.init_args.batch_size=4",
         "--data.init_args.batches_per_epoch=2",
     ]
 
@@ -100,10 +100,10 @@ def test_resume_with_ckpt_path_keeps_command_line_arguments(tmp_path, monkeypatc
     capsys.readouterr()
     main(["fit", *_mnist_dimo_args(5), "--ckpt_path", str(first)])
     err = capsys.readouterr().err
-    assert "max_generator_steps: 2 -> 5" in err and str(first) in err
+    assert "optim.max_generator_steps: 2 -> 5" in err and str(first) in err
     resumed = torch.load(tmp_path / "runs/mnist_dimo/version_1/checkpoints/last.ckpt", weights_only=False)
     assert resumed["dimo"]["generator_step"] == 5
-    assert resumed["hyper_parameters"]["max_generator_steps"] == 5
+    assert resumed["hyper_parameters"]["optim"]["max_generator_steps"] == 5
 
 
 def test_corrupt_ckpt_path_names_the_file(tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ when the table and the actual messages differ (regenerate with `DIMO_WRITE_DOCS=
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -33,8 +34,8 @@ def _fit_args(weights: Path, codebook: Path) -> list[str]:
     return [
         "--config", str(ROOT / "configs/mnist/dimo.yaml"), "--trainer.enable_progress_bar=false",
         "--trainer.logger=false", "--trainer.callbacks=[]", f"{TEACHER}checkpoint={weights}",
-        f"{TEACHER}codebook={codebook}", "--model.init_args.max_generator_steps=2", "--data.init_args.batch_size=4",
-        "--data.init_args.batches_per_epoch=2",
+        f"{TEACHER}codebook={codebook}", "--model.init_args.optim.max_generator_steps=2",
+        "--data.init_args.batch_size=4", "--data.init_args.batches_per_epoch=2",
     ]
 
 
@@ -44,7 +45,8 @@ def files(tmp_path_factory):
     weights, codebook = save_tiny_mnist_teacher(root / "teacher")
     other_weights, other_codebook = save_tiny_mnist_teacher(root / "other", seed=3)
     # A checkpoint and its export, trained for 2 generator steps against `teacher`.
-    module = DiMOModule(MNISTTeacher(str(weights), str(codebook)), max_generator_steps=2, train_dropout=False)
+    module = DiMOModule(MNISTTeacher(str(weights), str(codebook)),
+                        optim={"max_generator_steps": 2, "train_dropout": False})
     pl.Trainer(default_root_dir=root, accelerator="cpu", max_epochs=-1, logger=False, enable_progress_bar=False,
                enable_model_summary=False, limit_val_batches=0,
                callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_last=True)]).fit(
@@ -62,6 +64,8 @@ def files(tmp_path_factory):
     # A codebook with 8 codes for a 16-code teacher.
     PatchVQTokenizer(torch.rand(8, 16)).save(root / "codebook8.safetensors")
     (root / "broken.ckpt").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    # A config with a flat key of an earlier version (now aux.rounds).
+    (root / "old_keys.yaml").write_text("model:\n  init_args:\n    aux_rounds: 2\n")
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, root / "foreign.ckpt")
     (root / "empty.ckpt").write_bytes(b"")
     (root / "notes.ckpt").write_text("a text file, not a checkpoint\n")  # the unpickler: "pop from empty list"
@@ -78,10 +82,19 @@ def _cases(f: dict) -> list[tuple[str, list[str], list[str]]]:
         ("config file does not exist", ["fit", "--config", str(r / "nope.yaml")], ["nope.yaml"]),
         ("unknown key", ["fit", *fit, "--model.init_args.no_such_knob=3"], ["--model.init_args.no_such_knob"]),
         ("unknown key of the teacher", ["fit", *fit, f"{TEACHER}resolution=64"], [f"{TEACHER}resolution"]),
-        ("invalid choice", ["fit", *fit, "--model.init_args.aux_sample=both"], ["--model.init_args.aux_sample"]),
-        ("invalid value", ["fit", *fit, "--model.init_args.r_init=[0.9,0.1]"], ["--model.init_args.r_init"]),
-        ("invalid teacher sampling setting", ["fit", *fit, "--model.init_args.teacher_sampling.schedule=fast"],
-         ["--model.init_args.teacher_sampling.schedule"]),
+        ("invalid choice", ["fit", *fit, "--model.init_args.aux.sample=both"], ["--model.init_args.aux.sample"]),
+        ("invalid value", ["fit", *fit, "--model.init_args.student.r_init=[0.9,0.1]"],
+         ["--model.init_args.student.r_init"]),
+        ("a settings group's value out of range", ["fit", *fit, "--model.init_args.student.r_init=1.5"],
+         ["--model.init_args.student.r_init", "student.r_init must lie in [0, 1], got 1.5"]),
+        ("a flat key of an earlier version", ["fit", *fit, "--model.init_args.aux_rounds=2"],
+         ["aux_rounds moved to model.init_args.aux.rounds", "--model.init_args.aux.rounds"]),
+        ("a flat key of an earlier version in a YAML", ["fit", *fit, "--config", str(r / "old_keys.yaml")],
+         ["aux_rounds moved to model.init_args.aux.rounds"]),
+        ("a nested flat key of an earlier version", ["fit", *fit, "--model.init_args.teacher_sampling.steps=4"],
+         ["teacher_sampling.steps moved to model.init_args.sampling.teacher.steps"]),
+        ("invalid teacher sampling setting", ["fit", *fit, "--model.init_args.sampling.teacher.schedule=fast"],
+         ["--model.init_args.sampling.teacher.schedule"]),
         ("teacher weights missing", ["fit", *fit, f"{TEACHER}checkpoint={r}/missing.safetensors"],
          [f"{TEACHER}checkpoint", "missing.safetensors"]),
         ("teacher weights corrupt", ["fit", *fit, f"{TEACHER}checkpoint={r}/corrupt/teacher.safetensors"],
@@ -97,8 +110,8 @@ def _cases(f: dict) -> list[tuple[str, list[str], list[str]]]:
          ["--data.init_args.num_classes=7", "10 classes"]),
         ("batch size of zero", ["fit", *fit, "--data.init_args.batch_size=0"], ["--data.init_args.batch_size"]),
         ("batch size not divisible by the micro-batches",
-         ["fit", *fit, "--model.init_args.accumulate_micro_batches=3"],
-         ["--data.init_args.batch_size=4", "--model.init_args.accumulate_micro_batches=3"]),
+         ["fit", *fit, "--model.init_args.optim.accumulate_micro_batches=3"],
+         ["--data.init_args.batch_size=4", "--model.init_args.optim.accumulate_micro_batches=3"]),
         ("corrupt --ckpt_path", ["validate", *fit, "--ckpt_path", str(r / "broken.ckpt")],
          ["broken.ckpt", "--ckpt_path"]),
         ("missing --ckpt_path", ["fit", *fit, "--ckpt_path", str(r / "missing.ckpt")], ["missing.ckpt"]),
@@ -109,7 +122,7 @@ def _cases(f: dict) -> list[tuple[str, list[str], list[str]]]:
          ["--ckpt_path", "truncated.ckpt"]),
         ("--ckpt_path not a Lightning checkpoint", ["fit", *fit, "--ckpt_path", str(r / "foreign.ckpt")],
          ["--ckpt_path", "foreign.ckpt", "pytorch-lightning_version"]),
-        ("resume against another teacher", ["fit", *_fit_args(*f["other"]), "--model.init_args.max_generator_steps=3",
+        ("resume against another teacher", ["fit", *_fit_args(*f["other"]), "--model.init_args.optim.max_generator_steps=3",
                                             "--ckpt_path", str(f["ckpt"])],
          [str(w), str(f["other"][0]), "allow_teacher_change=true"]),
         ("export: checkpoint missing", ["export", "--ckpt_path", str(r / "missing.ckpt"), "--output", str(r / "x")],
@@ -167,6 +180,26 @@ def test_bad_inputs_print_one_line_and_exit_2(files, capsys, monkeypatch):
     if os.environ.get("DIMO_WRITE_DOCS"):
         DOC.write_text(table)
     assert DOC.read_text() == table, "docs/cli_errors.md is stale: DIMO_WRITE_DOCS=1 pytest tests/test_cli_errors.py"
+
+
+def test_bad_group_value_fails_before_the_model_is_built(files, capsys, monkeypatch):
+    """A settings group is checked when it is built, before the module (no model summary, no module)."""
+    built = []
+    original = DiMOModule.__init__
+
+    @functools.wraps(original)
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiMOModule, "__init__", counting)
+    monkeypatch.chdir(files["root"])  # the valid run writes its config and checkpoint here
+    args = ["fit", *_fit_args(files["weights"], files["codebook"]), "--trainer.enable_model_summary=true"]
+    status, err = _run([*args, "--model.init_args.student.r_init=1.5"], capsys, "student.r_init=1.5")
+    assert status == 2 and err.strip().endswith("student.r_init must lie in [0, 1], got 1.5")
+    assert not built and "Total params" not in err
+    main([*args, "--model.init_args.student.r_init=0.5", "--model.init_args.optim.max_generator_steps=1"])
+    assert built and "Total params" in capsys.readouterr().out  # the same command line, valid: built, summarised
 
 
 def test_debug_keeps_the_traceback(files, monkeypatch):

@@ -8,15 +8,17 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_context
 from test_soft_dimo import codes_file, make_module, make_trainer, real_data
 
+from dimo_lightning.objectives.context import StudentDraw
 from dimo_lightning.objectives.coverage import (
     conditional_energy_distance,
     group_ids,
     pixel_features,
     trunk_features,
 )
-from dimo_lightning.training.soft_dimo import GANSettings
+from dimo_lightning.training.settings import GANSettings
 
 torch.set_num_threads(1)
 
@@ -100,9 +102,9 @@ def test_trunk_features_have_unit_norm_per_layer(tiny_teacher) -> None:
 def test_coverage_trains_the_student_through_the_soft_path_with_or_without_the_discriminator(
         tiny_teacher, tmp_path, gan_weight) -> None:
     settings = GANSettings(weight=gan_weight, head_dim=16, coverage_weight=5.0)
-    module = make_module(tiny_teacher, gan=settings, max_generator_steps=2)
+    module = make_module(tiny_teacher, gan=settings, optim={"max_generator_steps": 2})
     assert (module.discriminator is None) == (gan_weight == 0)
-    assert module.coverage_layers == (1,)  # the tiny teacher has one block
+    assert module.coverage.layers == (1,)  # the tiny teacher has one block
     teacher_before = {k: v.clone() for k, v in tiny_teacher.state_dict().items()}
     trainer = make_trainer(tmp_path)
     trainer.fit(module, real_data(codes_file(tmp_path)))
@@ -115,7 +117,8 @@ def test_coverage_trains_the_student_through_the_soft_path_with_or_without_the_d
     z = torch.randn(6, 49, 17, requires_grad=True)
     codes = torch.randint(0, 16, (6, 49))
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    loss, _ = module._coverage_loss(z, z.argmax(-1), labels, torch.ones(6, dtype=torch.bool), codes)
+    draw = StudentDraw(z, z.argmax(-1), torch.ones(6, dtype=torch.bool))
+    loss, _ = module.coverage.loss(make_context(tiny_teacher, labels, codes), 0, draw)
     (grad,) = torch.autograd.grad(loss, z)
     assert grad.abs().sum() > 0
     assert all(p.grad is None for p in trunk.parameters())
@@ -134,12 +137,12 @@ def test_exact_resume_with_the_coverage_term(tiny_teacher, tmp_path) -> None:
 
     settings = GANSettings(weight=1.0, head_dim=16, coverage_weight=2.0)
     path = codes_file(tmp_path)
-    full = make_module(copy.deepcopy(tiny_teacher), gan=settings, max_generator_steps=4)
+    full = make_module(copy.deepcopy(tiny_teacher), gan=settings, optim={"max_generator_steps": 4})
     make_trainer(tmp_path / "full").fit(full, real_data(path))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
     make_trainer(tmp_path / "a", [ckpt]).fit(make_module(copy.deepcopy(tiny_teacher), gan=settings,
-                                                         max_generator_steps=2), real_data(path))
-    resumed = make_module(copy.deepcopy(tiny_teacher), gan=settings, max_generator_steps=4)
+                                                         optim={"max_generator_steps": 2}), real_data(path))
+    resumed = make_module(copy.deepcopy(tiny_teacher), gan=settings, optim={"max_generator_steps": 4})
     make_trainer(tmp_path / "b").fit(resumed, real_data(path), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     for a, b in zip(full.student.parameters(), resumed.student.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -171,11 +174,11 @@ def test_precomputed_real_within_gives_the_same_estimate() -> None:
 
 def test_coverage_bank_holds_real_features_and_trains(tiny_teacher, tmp_path) -> None:
     settings = GANSettings(weight=0.0, coverage_weight=5.0, coverage_bank=25)
-    module = make_module(tiny_teacher, gan=settings, max_generator_steps=2)
+    module = make_module(tiny_teacher, gan=settings, optim={"max_generator_steps": 2})
     data = real_data(codes_file(tmp_path, rows=40))
     before = copy.deepcopy(module.student.state_dict())
     make_trainer(tmp_path).fit(module, data)
-    bank = module.real_bank
+    bank = module.coverage.real_bank
     assert bank.features.shape == (25, 49 * tiny_teacher.network.hidden_dim)
     # the bank's rows are real codes of the data module, with their labels, through the frozen trunk
     rows = [i for i in range(40) if any(torch.allclose(
@@ -189,7 +192,7 @@ def test_coverage_bank_holds_real_features_and_trains(tiny_teacher, tmp_path) ->
 
 def test_coverage_scores_the_tempered_soft_embedding(tiny_teacher) -> None:
     """gan.coverage_temperature T: the loss is the energy distance of softmax(z / T) @ E's trunk features (computed
-    here independently); null takes the module's sample_temperature."""
+    here independently); null takes the module's sampling.temperature."""
     trunk = tiny_teacher.network.eval()
     gen = torch.Generator().manual_seed(3)
     z = 3 * torch.randn(6, 49, 17, generator=gen)
@@ -206,9 +209,10 @@ def test_coverage_scores_the_tempered_soft_embedding(tiny_teacher) -> None:
     losses = {}
     for setting, sample_temperature in ((0.5, 1.0), (None, 0.5), (None, 1.0), (2.0, 0.5)):
         module = make_module(tiny_teacher, gan=GANSettings(coverage_weight=1.0, coverage_temperature=setting),
-                             sample_temperature=sample_temperature)
+                             sampling={"temperature": sample_temperature})
         with torch.no_grad():
-            losses[setting, sample_temperature] = module._coverage_loss(z, z.argmax(-1), labels, valid, codes)[0]
+            ctx = make_context(tiny_teacher, labels, codes)
+            losses[setting, sample_temperature] = module.coverage.loss(ctx, 0, StudentDraw(z, z.argmax(-1), valid))[0]
     torch.testing.assert_close(losses[0.5, 1.0], expected(0.5))
     torch.testing.assert_close(losses[None, 0.5], expected(0.5))
     torch.testing.assert_close(losses[None, 1.0], expected(1.0))
@@ -246,9 +250,11 @@ def test_pixel_coverage_scores_decoded_images_and_trains_the_student_through_the
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     module = make_module(tiny_teacher, gan=GANSettings(coverage_weight=1.0, coverage_space="pixels",
                                                        coverage_input=coverage_input, coverage_pixel_pool=2),
-                         sample_temperature=0.5)
-    assert module.coverage_layers == ()
-    loss, value = module._coverage_loss(z, tokens, labels, torch.ones(6, dtype=torch.bool), codes)
+                         sampling={"temperature": 0.5})
+    assert module.coverage.layers == ()
+    draw = StudentDraw(z, tokens, torch.ones(6, dtype=torch.bool))
+    loss, logs = module.coverage.loss(make_context(tiny_teacher, labels, codes), 0, draw)
+    value = logs["coverage"]
 
     probs = (z.detach()[..., :16] / 0.5).softmax(-1)
     codebook = tiny_teacher.tokenizer.codebook  # (K, p * p) patches in [0, 1]
@@ -269,7 +275,7 @@ def test_pixel_coverage_scores_decoded_images_and_trains_the_student_through_the
     assert all(q.grad is None for q in tiny_teacher.parameters())
     if coverage_input == "straight_through":  # the soft path's gradient, with the hard tokens' images forward
         soft = make_module(tiny_teacher, gan=GANSettings(coverage_weight=1.0, coverage_space="pixels",
-                                                         coverage_pixel_pool=2), sample_temperature=0.5)
+                                                         coverage_pixel_pool=2), sampling={"temperature": 0.5})
         z_soft = z.detach().clone().requires_grad_(True)
         fake = F.avg_pool2d(fake_images, 2).flatten(1) / (7 * p // 2)
         soft_images = images((z_soft[..., :16] / 0.5).softmax(-1) @ codebook)
@@ -278,16 +284,16 @@ def test_pixel_coverage_scores_decoded_images_and_trains_the_student_through_the
         (want_grad,) = torch.autograd.grad(
             conditional_energy_distance(fake_st, real_features, labels, labels)[0], z_soft)
         torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7)
-        assert soft.gan.coverage_input == "soft"
+        assert soft.settings.gan.coverage_input == "soft"
 
 
 def test_pixel_coverage_bank_and_fit(tiny_teacher, tmp_path) -> None:
     settings = GANSettings(weight=0.0, coverage_weight=5.0, coverage_space="pixels", coverage_bank=25)
-    module = make_module(tiny_teacher, gan=settings, max_generator_steps=2)
+    module = make_module(tiny_teacher, gan=settings, optim={"max_generator_steps": 2})
     data = real_data(codes_file(tmp_path, rows=40))
     before = copy.deepcopy(module.student.state_dict())
     make_trainer(tmp_path).fit(module, data)
-    bank = module.real_bank
+    bank = module.coverage.real_bank
     side = tiny_teacher.decode(torch.zeros(1, 49, dtype=torch.long)).shape[-1]
     assert bank.features.shape == (25, side * side)
     decoded = pixel_features(tiny_teacher.decode(torch.as_tensor(data.data.codes[:40]).reshape(40, -1).long()))

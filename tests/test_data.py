@@ -30,14 +30,14 @@ def test_mnist_datamodule_yields_tokens():
 def test_label_stream_is_deterministic_and_resumable():
     dm = ClassLabelDataModule(num_classes=10, batch_size=32, batches_per_epoch=3, seed=1)
     loader = dm.train_dataloader()
-    first = [b.clone() for b in loader]
-    second = [b.clone() for b in loader]  # the stream continues, it does not repeat
+    first = [b.conditions.clone() for b in loader]  # training batches: ConditionBatch(labels)
+    second = [b.conditions.clone() for b in loader]  # the stream continues, it does not repeat
     assert len(first) == 3 and not torch.equal(first[0], second[0])
     assert torch.equal(first[1], label_batch(1, 0, 1, 32, 10))
     state = loader.state_dict()
     fresh = ClassLabelDataModule(num_classes=10, batch_size=32, batches_per_epoch=3, seed=1).train_dataloader()
     fresh.load_state_dict(state)
-    assert torch.equal(next(iter(fresh)), label_batch(1, 0, 6, 32, 10))
+    assert torch.equal(next(iter(fresh)).conditions, label_batch(1, 0, 6, 32, 10))
     counts = torch.bincount(torch.cat(first + second), minlength=10)
     assert counts.min() > 0
 

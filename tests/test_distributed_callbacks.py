@@ -103,7 +103,8 @@ def check_one_process_gives_the_same_results(tmp_path: Path) -> None:
             trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                                  enable_model_summary=False, callbacks=[StudentEMA(0.99), callback],
                                  default_root_dir=tmp_path / "single")
-            getattr(trainer, run)(DiMOModule(teacher, max_generator_steps=4, seed=0), data, ckpt_path=last)
+            module = DiMOModule(teacher, optim={"max_generator_steps": 4}, run={"seed": 0})
+            getattr(trainer, run)(module, data, ckpt_path=last)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     for row, distributed in zip(report.rows, rank0["validate_rows"], strict=True):
         for column in ("fid", "kid", "precision", "recall", "accuracy", "is"):

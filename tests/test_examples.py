@@ -20,7 +20,7 @@ EXAMPLES = ROOT / "examples"
 def test_custom_teacher_yaml_distills_with_dimo_fit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    main(["fit", "--config", str(EXAMPLES / "custom_teacher.yaml"), "--model.init_args.max_generator_steps=2",
+    main(["fit", "--config", str(EXAMPLES / "custom_teacher.yaml"), "--model.init_args.optim.max_generator_steps=2",
           "--data.init_args.batch_size=4", "--data.init_args.batches_per_epoch=2",
           "--trainer.enable_progress_bar=false"])
     ckpt = torch.load(tmp_path / "runs/custom_teacher/version_0/checkpoints/last.ckpt", weights_only=True)

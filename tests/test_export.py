@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_mnist_teacher
+from helpers import merge_settings, save_tiny_mnist_teacher
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
@@ -40,8 +40,10 @@ def _trainer(root: Path, callbacks: list, **kwargs) -> pl.Trainer:
 
 def _module(weights: Path, codebook: Path, **kwargs) -> DiMOModule:
     teacher = MNISTTeacher(str(weights), str(codebook))
-    return DiMOModule(teacher, max_generator_steps=STEPS, r_init=[0.4, 0.8], sample_temperature=0.8,
-                      student_top_k=12, train_dropout=False, seed=0, **kwargs)
+    defaults = dict(student={"r_init": [0.4, 0.8], "top_k": 12},
+                    optim={"max_generator_steps": STEPS, "train_dropout": False}, sampling={"temperature": 0.8},
+                    run={"seed": 0})
+    return DiMOModule(teacher, **merge_settings(defaults, kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_export_round_trip_identical_logits_and_samples(trained, tmp_path):
     labels = torch.tensor([0, 3, 9, 9, 1])
     for seed in (0, 1):
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-        expected = module.student_logits(ema, labels, 0.6, module.hparams.emb_noise_sigma, g1)
+        expected = module.student_logits(ema, labels, 0.6, module.settings.student.emb_noise_sigma, g1)
         torch.testing.assert_close(pipeline.logits(labels, g2), expected, rtol=0, atol=0)
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         codes = module.generate(labels, network=ema, generator=g1)
@@ -175,7 +177,7 @@ def test_resume_with_another_teacher_is_an_error_naming_both(trained, tmp_path):
     message = str(excinfo.value)
     assert str(trained["weights"]) in message and str(weights) in message
     assert "allow_teacher_change=true" in message
-    module = _module(weights, codebook, allow_teacher_change=True)
+    module = _module(weights, codebook, run={"allow_teacher_change": True})
     module.hparams.max_generator_steps = STEPS + 1
     _trainer(tmp_path, [], enable_progress_bar=False).fit(module, ClassLabelDataModule(10, 4, 2),
                                                            ckpt_path=trained["ckpt"])
@@ -186,7 +188,7 @@ def test_data_must_match_teacher_and_accumulation(trained, tmp_path):
     module = _module(trained["weights"], trained["codebook"])
     with pytest.raises(ValueError, match=r"--data.init_args.num_classes=7 .* teacher's 10 classes"):
         _trainer(tmp_path, [], enable_progress_bar=False).fit(module, ClassLabelDataModule(7, 4, 2))
-    module = _module(trained["weights"], trained["codebook"], accumulate_micro_batches=3)
+    module = _module(trained["weights"], trained["codebook"], optim={"accumulate_micro_batches": 3})
     with pytest.raises(ValueError, match=r"batch_size=4 is not divisible by .*accumulate_micro_batches=3"):
         _trainer(tmp_path, [], enable_progress_bar=False).fit(module, ClassLabelDataModule(10, 4, 2))
 

@@ -48,8 +48,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i")
     folder = save_tiny_prompt_teacher(root / "teacher")
     teacher = PromptTeacher(str(folder), negative_prompt="blurry ugly", micro_conds=MICRO_CONDS)
-    module = DiMOModule(teacher, max_generator_steps=2, teacher_cfg_scale=2.0, r_init=[0.4, 0.8],
-                        sample_temperature=0.8, student_top_k=8, train_dropout=False, seed=0)
+    module = DiMOModule(teacher, student={"r_init": [0.4, 0.8], "top_k": 8}, targets={"cfg_scale": 2.0},
+                        optim={"max_generator_steps": 2, "train_dropout": False},
+                        sampling={"temperature": 0.8}, run={"seed": 0})
     ema = StudentEMA(decay=0.5)
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
     _trainer(root, [ema, checkpoint]).fit(module, PromptDataModule(train_prompts=write_prompts(root), eval_prompts=None,
@@ -165,7 +166,9 @@ def test_dimo_sample_with_prompts_writes_pngs_grid_and_npz(trained, tmp_path, ca
 
 def test_class_student_rejects_prompts(tmp_path, capsys):
     weights, codebook = save_tiny_mnist_teacher(tmp_path / "teacher")
-    module = DiMOModule(MNISTTeacher(str(weights), str(codebook)), max_generator_steps=1, train_dropout=False, seed=0)
+    module = DiMOModule(MNISTTeacher(str(weights), str(codebook)),
+                        optim={"max_generator_steps": 1, "train_dropout": False},
+                        run={"seed": 0})
     _trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]).fit(
         module, ClassLabelDataModule(10, 2, 1))
     out = export_student(tmp_path / "ckpt" / "last.ckpt", tmp_path / "exp")

@@ -223,7 +223,7 @@ def test_dimo_fit_with_imagenet_config_end_to_end(released: dict, tmp_path: Path
         "{class_path: dimo_lightning.evaluation.callbacks.sample_grid.SampleGrid, "
         "init_args: {every_n_generator_steps: 2, samples_per_class: 1}}, "
         "{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}]",
-        "--model.init_args.max_generator_steps=2", "--data.init_args.num_classes=10",
+        "--model.init_args.optim.max_generator_steps=2", "--data.init_args.num_classes=10",
         "--data.init_args.batch_size=4", "--data.init_args.batches_per_epoch=2",
     ]
     main(args)

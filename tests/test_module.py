@@ -7,6 +7,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import merge_settings
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from dimo_lightning.data.labels import ClassLabelDataModule
@@ -21,7 +22,7 @@ class Recorder(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         m = trainer.callback_metrics
         self.rows.append(
-            (pl_module.iteration, batch.tolist(), float(m["train/loss_aux"]),
+            (pl_module.iteration, batch.conditions.tolist(), float(m["train/loss_aux"]),
              float(m["train/loss_gen"]) if "train/loss_gen" in m else None)
         )
 
@@ -34,10 +35,9 @@ def make_trainer(tmp_path, callbacks=(), **kwargs):
 
 
 def make_module(teacher, **kwargs):
-    defaults = dict(max_generator_steps=3, r_init=[0.3, 0.9], emb_noise_sigma=0.2, emb_noise_relative=True,
-                    divergence_beta=0.5, seed=7)
-    defaults.update(kwargs)
-    return DiMOModule(teacher, **defaults)
+    defaults = dict(student={"r_init": [0.3, 0.9], "emb_noise_sigma": 0.2, "emb_noise_relative": True},
+                    targets={"divergence_beta": 0.5}, optim={"max_generator_steps": 3}, run={"seed": 7})
+    return DiMOModule(teacher, **merge_settings(defaults, kwargs))
 
 
 def test_teacher_frozen_and_outside_optimizers_and_checkpoints(tiny_teacher, tmp_path):
@@ -72,7 +72,7 @@ def test_teacher_frozen_and_outside_optimizers_and_checkpoints(tiny_teacher, tmp
 
 
 def test_fix_emb_layer_freezes_tied_table(tiny_teacher, tmp_path):
-    module = make_module(tiny_teacher, max_generator_steps=2)
+    module = make_module(tiny_teacher, optim={"max_generator_steps": 2})
     frozen = module.student.tok_emb.weight.clone()
     make_trainer(tmp_path).fit(module, ClassLabelDataModule(10, 8, 4))
     assert torch.equal(module.student.tok_emb.weight, frozen)
@@ -80,7 +80,7 @@ def test_fix_emb_layer_freezes_tied_table(tiny_teacher, tmp_path):
 
 
 def test_aux_rounds_parity(tiny_teacher, tmp_path):
-    module = make_module(tiny_teacher, max_generator_steps=2, aux_rounds=3)
+    module = make_module(tiny_teacher, aux={"rounds": 3}, optim={"max_generator_steps": 2})
     trainer = make_trainer(tmp_path)
     trainer.fit(module, ClassLabelDataModule(10, 8, 10))
     # generator steps at iterations 0 and 3; stop after iteration 3 -> 4 iterations, 4 aux steps
@@ -92,16 +92,16 @@ def test_aux_rounds_parity(tiny_teacher, tmp_path):
 def test_resume_continues_exactly(tiny_teacher, tmp_path):
     data_kwargs = dict(num_classes=10, batch_size=8, batches_per_epoch=3)
     full_rec = Recorder()
-    full = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=6)
+    full = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 6})
     make_trainer(tmp_path / "full", [full_rec]).fit(full, ClassLabelDataModule(**data_kwargs))
 
     first_rec = Recorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-    part = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=4)
+    part = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 4})
     make_trainer(tmp_path / "a", [first_rec, ckpt]).fit(part, ClassLabelDataModule(**data_kwargs))
 
     second_rec = Recorder()
-    resumed = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=6)
+    resumed = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 6})
     make_trainer(tmp_path / "b", [second_rec]).fit(
         resumed, ClassLabelDataModule(**data_kwargs), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
@@ -133,7 +133,7 @@ class PoisonStudent(Callback):
 
 
 def test_nan_batch_is_skipped_without_changing_weights(tiny_teacher, tmp_path):
-    module = make_module(tiny_teacher, max_generator_steps=10)
+    module = make_module(tiny_teacher, optim={"max_generator_steps": 10})
     poison = PoisonStudent(at=2)  # after two real steps, so Adam momentum would move the weights
     make_trainer(tmp_path, [poison]).fit(module, ClassLabelDataModule(10, 8, 10))
     assert poison.after is not None, "training stopped before the poisoned iteration"
@@ -160,12 +160,13 @@ def test_accumulation_matches_one_big_batch_gradient(tiny_teacher):
     torch.testing.assert_close(z.grad, full)
 
 
-@pytest.mark.parametrize("bad", [dict(aux_sample="both"), dict(gen_mask_schedule="cubic"), dict(r_init=[0.9, 0.1]),
-                                 dict(emb_noise_sigma=1.5), dict(aux_rounds=0)])
-def test_bad_arguments_name_the_flag(tiny_teacher, bad):
-    name = next(iter(bad))
-    with pytest.raises(ValueError, match=name):
-        DiMOModule(tiny_teacher, **bad)
+@pytest.mark.parametrize("field, value", [("aux.sample", "both"), ("targets.mask_schedule", "cubic"),
+                                          ("student.r_init", [0.9, 0.1]), ("student.emb_noise_sigma", 1.5),
+                                          ("aux.rounds", 0)])
+def test_bad_arguments_name_the_flag(tiny_teacher, field, value):
+    group, name = field.split(".")
+    with pytest.raises(ValueError, match=field):
+        DiMOModule(tiny_teacher, **{group: {name: value}})
 
 
 def test_generate_returns_codes_without_mask(tiny_teacher):
@@ -187,7 +188,7 @@ class ModeRecorder(Callback):
 
 @pytest.mark.parametrize("train_dropout", [True, False])
 def test_train_dropout_sets_student_and_aux_modes(tiny_teacher, tmp_path, train_dropout):
-    module = make_module(tiny_teacher, train_dropout=train_dropout)
+    module = make_module(tiny_teacher, optim={"train_dropout": train_dropout})
     recorder = ModeRecorder()
     make_trainer(tmp_path, [recorder]).fit(module, ClassLabelDataModule(10, 8, 4))
     assert recorder.modes == {(train_dropout, train_dropout, False)}
@@ -213,7 +214,7 @@ def test_labels_out_of_range_fail_before_the_step(tiny_teacher, tmp_path):
 def test_old_checkpoints_with_ema_in_the_callback_state_still_load(tiny_teacher, tmp_path):
     """Checkpoints written before the EMA moved into the model's state dict kept it in the callback state."""
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    module = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=2)
+    module = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 2})
     make_trainer(tmp_path / "a", [ckpt, StudentEMA(0.9)]).fit(module, ClassLabelDataModule(10, 8, 4))
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     ema_weights = {k.removeprefix("student_ema."): saved["state_dict"].pop(k)
@@ -223,7 +224,7 @@ def test_old_checkpoints_with_ema_in_the_callback_state_still_load(tiny_teacher,
     torch.save(saved, tmp_path / "old.ckpt")
 
     ema = StudentEMA(0.9)
-    resumed = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=2)
+    resumed = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 2})
     make_trainer(tmp_path / "b", [ema]).validate(resumed, ClassLabelDataModule(10, 8, 2),
                                                  ckpt_path=str(tmp_path / "old.ckpt"))
     assert ema.num_updates == 2

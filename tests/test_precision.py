@@ -9,6 +9,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import merge_settings
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 
@@ -22,9 +23,10 @@ def sgd(params):
 
 
 def make_module(teacher, **kwargs):
-    defaults = dict(max_generator_steps=3, r_init=[0.3, 0.9], emb_noise_sigma=0.2, emb_noise_relative=True, seed=3,
-                    train_dropout=False, optimizer_gen=sgd, optimizer_aux=sgd)
-    return DiMOModule(teacher, **{**defaults, **kwargs})
+    defaults = dict(student={"r_init": [0.3, 0.9], "emb_noise_sigma": 0.2, "emb_noise_relative": True},
+                    optim={"max_generator_steps": 3, "train_dropout": False}, run={"seed": 3}, optimizer_gen=sgd,
+                    optimizer_aux=sgd)
+    return DiMOModule(teacher, **merge_settings(defaults, kwargs))
 
 
 def make_trainer(tmp_path, callbacks=(), **kwargs):
@@ -77,7 +79,7 @@ class StepWatcher(Callback):
 @pytest.mark.parametrize("max_norm", [1e-3, 1e6])
 def test_bf16_mixed_steps_are_clipped_to_the_global_norm(tiny_teacher, tmp_path, max_norm):
     watcher = StepWatcher()
-    module = make_module(tiny_teacher, gen_grad_clip=max_norm)
+    module = make_module(tiny_teacher, optim={"gen_grad_clip": max_norm})
     make_trainer(tmp_path, [watcher], precision="bf16-mixed").fit(module, ClassLabelDataModule(10, 8, 4))
     assert module.generator_step == 3 and module.skipped_steps == 0
     for row in watcher.rows:
@@ -92,7 +94,7 @@ def test_fp16_overflow_is_skipped_through_the_scaler(tiny_teacher, tmp_path):
     max_norm = 0.05
     watcher = StepWatcher(overflow_at=1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
-    module = make_module(tiny_teacher, gen_grad_clip=max_norm, aux_grad_clip=0.0)
+    module = make_module(tiny_teacher, optim={"gen_grad_clip": max_norm, "aux_grad_clip": 0.0})
     trainer = make_trainer(tmp_path, [watcher], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     trainer.fit(module, ClassLabelDataModule(10, 8, 6))
     rows = {r["iteration"]: r for r in watcher.rows}
@@ -118,7 +120,7 @@ def test_fp16_unscaled_norm_matches_fp32(tiny_teacher, tmp_path):
     for name, kwargs in {"fp32": {}, "fp16": dict(plugins=[MixedPrecision(
             "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**14))])}.items():
         watcher = StepWatcher()
-        module = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=1)
+        module = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 1})
         make_trainer(tmp_path / name, [watcher], **kwargs).fit(module, ClassLabelDataModule(10, 8, 2))
         norms[name] = watcher.rows[0]["norm"]
     assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
@@ -141,9 +143,10 @@ class Poison(Callback):
 def test_nonfinite_gradient_step_is_skipped(tiny_teacher, tmp_path):
     poison = Poison(at=2)
     adam = torch.optim.Adam
-    module = make_module(tiny_teacher, max_generator_steps=4, optimizer_gen=adam, optimizer_aux=adam,
+    module = make_module(tiny_teacher, optimizer_gen=adam, optimizer_aux=adam,
                          scheduler_gen=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5),
-                         scheduler_aux=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5))
+                         scheduler_aux=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5),
+                         optim={"max_generator_steps": 4})
     lrs = []
 
     class LR(Callback):
@@ -168,7 +171,7 @@ def test_skipped_step_leaves_weights_and_adam_state(tiny_teacher, tmp_path):
                 trainer.should_stop = True
 
     poison, stop = Poison(at=2), Stop()
-    module = make_module(tiny_teacher, max_generator_steps=10, optimizer_gen=torch.optim.Adam)
+    module = make_module(tiny_teacher, optimizer_gen=torch.optim.Adam, optim={"max_generator_steps": 10})
     make_trainer(tmp_path, [poison, stop]).fit(module, ClassLabelDataModule(10, 8, 10))
     weights, opt_state, _, _ = poison.before
     after_weights, after_state = stop.after
@@ -227,16 +230,18 @@ class SyncCounter(Callback):
         self._unpatch()
 
 
-@pytest.mark.parametrize("options", [dict(), dict(accumulate_micro_batches=2, adaptive_cfg=True,
-                                                  aux_cfg_drop_ratio=0.1, gen_mask_schedule="mage")])
+@pytest.mark.parametrize("options", [dict(), dict(optim={"accumulate_micro_batches": 2},
+                                                  targets={"adaptive_cfg": True, "mask_schedule": "mage"},
+                                                  aux={"cfg_drop_ratio": 0.1})])
 def test_one_host_sync_per_optimizer_step(tiny_teacher, tmp_path, options):
     counter = SyncCounter()
-    module = make_module(tiny_teacher, max_generator_steps=3, optimizer_gen=torch.optim.Adam,
-                         optimizer_aux=torch.optim.Adam, **options)
+    options = merge_settings({"optim": {"max_generator_steps": 3}}, options)
+    module = make_module(tiny_teacher, optimizer_gen=torch.optim.Adam, optimizer_aux=torch.optim.Adam, **options)
     make_trainer(tmp_path, [counter, StudentEMA(0.9)]).fit(module, ClassLabelDataModule(10, 8, 4))
     # two optimizer steps (generator and aux) per iteration, one skip decision each
     assert counter.counts == [2, 2, 2], counter.where
-    assert all("on_before_optimizer_step" in where for _, where in counter.where), counter.where
+    # the decision of GuardedStep.before_optimizer_step, which the module's on_before_optimizer_step hook delegates to
+    assert all("in before_optimizer_step" in where for _, where in counter.where), counter.where
 
 
 @pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6])

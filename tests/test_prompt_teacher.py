@@ -110,8 +110,10 @@ def test_micro_conditions_timestep_and_frozen_names():
 
 def test_training_step_with_text_conditions_micro_batches_and_cfg(tmp_path):
     teacher = FakePromptTeacher()
-    module = DiMOModule(teacher, max_generator_steps=2, accumulate_micro_batches=2, teacher_cfg_scale=3.0,
-                        aux_cfg_drop_ratio=0.5, r_init=0.5, emb_noise_sigma=0.3, seed=3, fix_emb_layer=True)
+    module = DiMOModule(teacher, student={"r_init": 0.5, "emb_noise_sigma": 0.3}, targets={"cfg_scale": 3.0},
+                        aux={"cfg_drop_ratio": 0.5},
+                        optim={"max_generator_steps": 2, "accumulate_micro_batches": 2, "fix_emb_layer": True},
+                        run={"seed": 3})
     negative = teacher.encode_prompts(["blurry"]).hidden_states[0]
     null = teacher.encode_prompts([""]).hidden_states[0]
     teacher_calls, aux_calls = [], []
@@ -184,7 +186,7 @@ def test_prompt_teacher_encodes_with_the_frozen_clip_penultimate_layer(tmp_path)
     codes = teacher.sample(cond, steps=2, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (3, 49) and teacher.decode(codes).shape == (3, 1, 28, 28)
     # a short distillation through the real encoder
-    module = DiMOModule(teacher, max_generator_steps=1, teacher_cfg_scale=2.0, seed=0)
+    module = DiMOModule(teacher, targets={"cfg_scale": 2.0}, optim={"max_generator_steps": 1}, run={"seed": 0})
     trainer = pl.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                          default_root_dir=tmp_path)

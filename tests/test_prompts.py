@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from dimo_lightning.data.batch import ConditionBatch
 from dimo_lightning.data.prompt_files import PromptFile, load_prompts
 from dimo_lightning.data.prompts import PromptDataModule, PromptStream
 
@@ -107,14 +108,16 @@ def test_loader_state_resumes_the_stream(tmp_path):
     loader = dm.train_dataloader()
     first = list(loader)
     second = list(loader)
+    assert all(isinstance(b, ConditionBatch) and b.real is None for b in first)  # the training batch
+    first, second = [b.conditions for b in first], [b.conditions for b in second]
     assert all(isinstance(b, list) and len(b) == 4 and isinstance(b[0], str) for b in first)
     assert first != second  # the stream continues across epochs
     fresh = PromptDataModule(train_prompts=path, eval_prompts=None, batch_size=4, batches_per_epoch=3,
                              seed=1).train_dataloader()
     fresh.load_state_dict(loader.state_dict())
-    resumed = list(fresh)
+    resumed = [b.conditions for b in fresh]
     again = PromptDataModule(train_prompts=path, eval_prompts=None, batch_size=4, batches_per_epoch=9, seed=1)
-    assert list(again.train_dataloader())[6:] == resumed
+    assert [b.conditions for b in again.train_dataloader()][6:] == resumed
 
 
 class RecordingModule(pl.LightningModule):
@@ -124,8 +127,8 @@ class RecordingModule(pl.LightningModule):
         self.seen = []
 
     def training_step(self, batch, batch_idx):
-        self.seen.append(list(batch))
-        return (self.weight - len(batch[0])) ** 2
+        self.seen.append(list(batch.conditions))
+        return (self.weight - len(batch.conditions[0])) ** 2
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)

@@ -39,7 +39,8 @@ def test_mnist_real_codes_never_come_from_the_validation_split() -> None:
     assert not set(file_rows.tolist()) & set(val_idx.tolist())
     assert set(file_rows.tolist()) == set(train_idx.tolist())  # every training digit is used
     # Each drawn code sequence is the tokenization of that very training digit, with its label.
-    batch_labels, batch_codes = next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))
+    batch_labels, batch_codes = batch.conditions, batch.real
     rows = stream.rows(0)
     expected = PatchVQTokenizer.from_file().encode(images[real.file_indices[rows]]).reshape(64, 49)
     assert torch.equal(batch_codes, expected) and torch.equal(batch_labels, labels[real.file_indices[rows]])
@@ -86,8 +87,8 @@ def test_resume_continues_the_stream(tmp_path) -> None:
     later = list(resumed) + list(resumed)[:1]  # positions 3..7
     assert len(first + later) == len(uninterrupted) == 8
     for got, want in zip(first + later, uninterrupted, strict=True):
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert not torch.equal(uninterrupted[0][1], uninterrupted[1][1])
+        assert torch.equal(got.conditions, want.conditions) and torch.equal(got.real, want.real)
+    assert not torch.equal(uninterrupted[0].real, uninterrupted[1].real)
 
 
 def test_code_files_are_memory_mapped_and_checked(tmp_path) -> None:
@@ -162,7 +163,7 @@ def test_dimo_encode_writes_the_codes_of_a_folder_and_of_an_npz(tmp_path) -> Non
     data = RealCodesDataModule(str(tmp_path / "from_npz.npz"), codebook_size=16, grid_size=16, num_classes=2,
                                batch_size=2)
     data.setup("fit")
-    labels, codes = next(iter(data.train_dataloader()))
+    codes = next(iter(data.train_dataloader())).real
     assert codes.shape == (2, 256)
 
     with pytest.raises(SystemExit, match="no class subfolders"):
@@ -171,7 +172,7 @@ def test_dimo_encode_writes_the_codes_of_a_folder_and_of_an_npz(tmp_path) -> Non
 
 
 def test_dimo_fit_runs_on_real_code_batches_and_checkpoints_the_position(tmp_path, monkeypatch) -> None:
-    """The (labels, codes) batches go through today's DiMOModule (which reads the labels) and the CLI."""
+    """The ConditionBatch(labels, real=codes) batches go through DiMOModule (which reads the labels) and the CLI."""
     from pathlib import Path
 
     from dimo_lightning.commands.cli import main
@@ -182,7 +183,7 @@ def test_dimo_fit_runs_on_real_code_batches_and_checkpoints_the_position(tmp_pat
         "fit", "--config", str(root / "configs/mnist/dimo.yaml"), "--trainer.enable_progress_bar=false",
         "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
         "init_args: {save_last: true}}]",
-        "--model.init_args.max_generator_steps=3", "--data=dimo_lightning.data.real_codes.RealCodesDataModule",
+        "--model.init_args.optim.max_generator_steps=3", "--data=dimo_lightning.data.real_codes.RealCodesDataModule",
         "--data.init_args.batch_size=4", "--data.init_args.batches_per_epoch=2",
     ])
     checkpoint = torch.load(tmp_path / "runs/mnist_dimo/version_0/checkpoints/last.ckpt", weights_only=False)

@@ -216,7 +216,7 @@ def _fit(config: str, folder: Path, tmp_path: Path, *extra: str):
         f"--model.init_args.teacher.init_args.path={folder}",
         "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--model.init_args.max_generator_steps=2", "--model.init_args.accumulate_micro_batches=2",
+        "--model.init_args.optim.max_generator_steps=2", "--model.init_args.optim.accumulate_micro_batches=2",
         "--data.init_args.batch_size=4", "--data.init_args.batches_per_epoch=2", *extra,
     ])
 

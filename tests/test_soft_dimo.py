@@ -9,14 +9,16 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import merge_settings
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from dimo_lightning.data.batch import ConditionBatch
 from dimo_lightning.data.labels import ClassLabelDataModule
 from dimo_lightning.data.real_codes import RealCodesDataModule
 from dimo_lightning.objectives.gan import TeacherDiscriminator
 from dimo_lightning.training.ema import StudentEMA
 from dimo_lightning.training.module import DiMOModule
-from dimo_lightning.training.soft_dimo import GANSettings, split_real_batch
+from dimo_lightning.training.settings import GANSettings
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +32,11 @@ def make_trainer(tmp_path, callbacks=(), **kwargs):
 
 
 def make_module(teacher, gan=None, **kwargs):
-    defaults = dict(max_generator_steps=3, r_init=[0.3, 0.9], emb_noise_sigma=0.2, emb_noise_relative=True,
-                    divergence_beta=0.5, seed=7, train_dropout=False,
-                    gan=GANSettings(weight=1.0, head_dim=16) if gan is None else gan,
+    defaults = dict(student={"r_init": [0.3, 0.9], "emb_noise_sigma": 0.2, "emb_noise_relative": True},
+                    targets={"divergence_beta": 0.5}, optim={"max_generator_steps": 3, "train_dropout": False},
+                    run={"seed": 7}, gan=GANSettings(weight=1.0, head_dim=16) if gan is None else gan,
                     optimizer_disc=lambda params: torch.optim.Adam(params, lr=1e-2))
-    defaults.update(kwargs)
-    return DiMOModule(teacher, **defaults)
+    return DiMOModule(teacher, **merge_settings(defaults, kwargs))
 
 
 def codes_file(tmp_path, rows: int = 40, codebook_size: int = 16, grid=(7, 7)) -> Path:
@@ -57,7 +58,7 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         m = trainer.callback_metrics
-        self.rows.append((pl_module.iteration, batch[1].sum().item(), float(m["train/loss_gen"]),
+        self.rows.append((pl_module.iteration, batch.real.sum().item(), float(m["train/loss_gen"]),
                           float(m["train/loss_disc"]), float(m["train/disc_accuracy"])))
 
 
@@ -76,12 +77,22 @@ def test_gan_off_by_default_and_settings_checked(tiny_teacher) -> None:
     assert GANSettings(weight=2.0, weight_warmup_steps=4).weight_at(1) == pytest.approx(1.0)
 
 
-def test_split_real_batch() -> None:
-    labels, codes = torch.arange(3), torch.zeros(3, 49, dtype=torch.long)
-    assert split_real_batch((labels, codes))[1] is codes
-    assert split_real_batch(labels) == (labels, None)
-    prompts = ["a 3", "a 7"]
-    assert split_real_batch(prompts) == (prompts, None)
+def test_condition_batch_is_the_one_training_batch(tmp_path) -> None:
+    """Every training DataModule yields a ConditionBatch; real codes travel in its ``real`` field (no guessing from
+    the contents), and it moves to a device through Lightning's batch transfer."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    real = next(iter(real_data(codes_file(tmp_path)).train_dataloader()))
+    assert isinstance(real, ConditionBatch) and real.real.shape == (8, 49) and real.conditions.shape == (8,)
+    labels = next(iter(ClassLabelDataModule(10, 4, 1).train_dataloader()))
+    assert isinstance(labels, ConditionBatch) and labels.real is None and labels.conditions.shape == (4,)
+    prompts = ConditionBatch(["a 3", "a 7"])
+    moved = move_data_to_device(prompts, torch.device("cpu"))
+    assert isinstance(moved, ConditionBatch) and moved.conditions == ["a 3", "a 7"] and moved.real is None
+    moved = move_data_to_device(real, torch.device("cpu"))
+    assert torch.equal(moved.real, real.real) and torch.equal(moved.conditions, real.conditions)
+    with pytest.raises(ValueError, match="ConditionBatch.real"):
+        ConditionBatch(torch.arange(3), real=torch.zeros(3, 49))  # codes are integers
 
 
 def test_gan_fit_trains_heads_and_student_while_the_trunk_stays_frozen(tiny_teacher, tmp_path) -> None:
@@ -118,7 +129,7 @@ def test_gan_only_moves_the_student_through_the_soft_path(tiny_teacher, tmp_path
     """With L_DiMO dropped, the only gradient the student gets is L_gan's; it reaches the logits through the soft
     embedding (the sampled tokens are integers and carry none)."""
     module = make_module(tiny_teacher, gan=GANSettings(weight=1.0, only=True, head_dim=16, fake_input=fake_input),
-                         max_generator_steps=2)
+                         optim={"max_generator_steps": 2})
     before = copy.deepcopy(module.student.state_dict())
     make_trainer(tmp_path).fit(module, real_data(codes_file(tmp_path)))
     assert any(not torch.equal(v, module.student.state_dict()[k]) for k, v in before.items())
@@ -140,16 +151,16 @@ def test_gan_only_moves_the_student_through_the_soft_path(tiny_teacher, tmp_path
 def test_exact_resume_with_three_optimizers(tiny_teacher, tmp_path) -> None:
     path = codes_file(tmp_path)
     full_rec = Recorder()
-    full = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=5)
+    full = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 5})
     make_trainer(tmp_path / "full", [full_rec]).fit(full, real_data(path))
 
     first_rec = Recorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-    part = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=2)
+    part = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 2})
     make_trainer(tmp_path / "a", [first_rec, ckpt]).fit(part, real_data(path))
 
     second_rec = Recorder()
-    resumed = make_module(copy.deepcopy(tiny_teacher), max_generator_steps=5)
+    resumed = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 5})
     trainer = make_trainer(tmp_path / "b", [second_rec])
     trainer.fit(resumed, real_data(path), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert first_rec.rows + second_rec.rows == full_rec.rows  # same real batches, losses and accuracies
@@ -174,7 +185,7 @@ def test_gan_needs_real_codes_of_the_teachers_vocabulary(tiny_teacher, tmp_path)
 
 def test_student_init_starts_from_a_trained_run(tiny_teacher, tmp_path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path / "dimo", save_last=True)
-    trained = DiMOModule(copy.deepcopy(tiny_teacher), max_generator_steps=2, seed=1)
+    trained = DiMOModule(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 2}, run={"seed": 1})
     make_trainer(tmp_path / "a", [ckpt, StudentEMA(0.5)]).fit(trained, ClassLabelDataModule(10, 8, 4))
     last = str(tmp_path / "dimo" / "last.ckpt")
 
@@ -185,7 +196,7 @@ def test_student_init_starts_from_a_trained_run(tiny_teacher, tmp_path) -> None:
             self.ema = copy.deepcopy(pl_module.student_ema.state_dict())
 
     start = AtStart()
-    module = make_module(copy.deepcopy(tiny_teacher), student_init=last, max_generator_steps=1)
+    module = make_module(copy.deepcopy(tiny_teacher), optim={"max_generator_steps": 1}, run={"student_init": last})
     make_trainer(tmp_path / "b", [start, StudentEMA(0.5)]).fit(module, real_data(codes_file(tmp_path)))
     for got, want in ((start.student, trained.student), (start.aux, trained.aux), (start.ema, trained.student_ema)):
         for k, v in want.state_dict().items():
@@ -231,7 +242,7 @@ def test_report_second_distance_matches_torch_fidelity(tiny_teacher, tmp_path, c
     from dimo_lightning.evaluation.report import generate_images, load_reference
 
     report = EvaluationReport(num_samples=40, teacher_steps=[], batch_size=40, second_extractor="mnist-dae", seed=5)
-    module = DiMOModule(tiny_teacher, seed=0)
+    module = DiMOModule(tiny_teacher, run={"seed": 0})
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, callbacks=[report])
     trainer.validate(module, ClassLabelDataModule(10, 8, 1))

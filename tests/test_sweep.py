@@ -56,7 +56,7 @@ import json, os, sys, time
 from pathlib import Path
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
 logger = json.loads(args["trainer.logger"])["init_args"]
-x = float(args["model.init_args.r_init"])
+x = float(args["model.init_args.student.r_init"])
 if x == float(os.environ.get("FAKE_SLOW_VALUE", "nan")):
     Path(os.environ["FAKE_MARKER"]).write_text(str(os.getpid()))
     time.sleep(120)
@@ -72,7 +72,7 @@ def fake_spec(tmp_path: Path, values: list, **extra) -> Path:
     """A spec whose trials run FAKE_FIT (writes eval.json with FID 10 + r_init) as their launcher."""
     (tmp_path / "fake_fit.py").write_text(FAKE_FIT)
     (tmp_path / "base.yaml").write_text("{}\n")
-    spec = {"sweep": {"study": "fake", "configs": ["base.yaml"], "grid": {"model.init_args.r_init": values},
+    spec = {"sweep": {"study": "fake", "configs": ["base.yaml"], "grid": {"model.init_args.student.r_init": values},
                       "out": str(tmp_path / "runs"), "command": ["python", str(tmp_path / "fake_fit.py")], **extra}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -86,13 +86,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def test_grid_flag_parsing():
-    assert sweep.parse_grid_flag("model.init_args.r_init=0.0,0.5,1") == ("model.init_args.r_init", [0.0, 0.5, 1])
+    assert sweep.parse_grid_flag("model.init_args.student.r_init=0.0,0.5,1") == ("model.init_args.student.r_init",
+                                                                                 [0.0, 0.5, 1])
     assert sweep.parse_grid_flag("--a.b=[0.0,0.3],[0.3,0.7]") == ("a.b", [[0.0, 0.3], [0.3, 0.7]])
-    assert sweep.parse_grid_flag("m.aux_mode=full,none") == ("m.aux_mode", ["full", "none"])
+    assert sweep.parse_grid_flag("m.aux.mode=full,none") == ("m.aux.mode", ["full", "none"])
     assert sweep.encode_choice([0.0, 0.3]) == "[0.0, 0.3]"
     assert sweep.format_override("a.b", True) == "--a.b=true" and sweep.format_override("a", None) == "--a=null"
     with pytest.raises(ValueError, match="KEY=V1"):
-        sweep.parse_grid_flag("model.init_args.r_init")
+        sweep.parse_grid_flag("model.init_args.student.r_init")
 
 
 def test_bad_definitions_name_the_problem(tmp_path, capsys):
@@ -126,13 +127,13 @@ def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
 
     config = tiny_fit_config(tmp_path)
     out = tmp_path / "runs"
-    argv = ["sweep", "run", "--config", str(config), "--grid", "model.init_args.r_init=0.2,0.8",
+    argv = ["sweep", "run", "--config", str(config), "--grid", "model.init_args.student.r_init=0.2,0.8",
             "--set", "trainer.log_every_n_steps=1", "--study", "tiny", "--out", str(out)]
     assert dimo_main_code(argv) == 0
     storage = sweep.make_storage(sweep.default_storage(out))
     study = optuna.load_study(study_name="tiny", storage=storage)
     trials = study.get_trials()
-    assert sorted(t.params["model.init_args.r_init"] for t in trials) == [0.2, 0.8]
+    assert sorted(t.params["model.init_args.student.r_init"] for t in trials) == [0.2, 0.8]
     for trial in trials:
         assert trial.state.name == "COMPLETE"
         run_dir = Path(trial.user_attrs["log_dir"])
@@ -142,7 +143,8 @@ def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
         assert trial.user_attrs["recall"] == pytest.approx(student["recall"])
         assert trial.user_attrs["generator_step"] == 2
         hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
-        assert hparams["r_init"] == trial.params["model.init_args.r_init"]  # the override reached the module
+        # the override reached the module's settings group
+        assert hparams["student"]["r_init"] == trial.params["model.init_args.student.r_init"]
         kl = {k: v for k, v in trial.user_attrs.items() if k.startswith("consistency_kl/")}
         assert "consistency_kl/all" in kl and all(v >= 0 for v in kl.values())  # the run's last diagnostic
     finished = {t.number: t.datetime_complete for t in trials}
@@ -160,7 +162,7 @@ def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
 
     # A different grid under the same study name is refused rather than mixed in.
-    assert dimo_main_code([*argv[:4], "--grid", "model.init_args.r_init=0.1,0.9", *argv[6:]]) == 2
+    assert dimo_main_code([*argv[:4], "--grid", "model.init_args.student.r_init=0.1,0.9", *argv[6:]]) == 2
     assert "different definition" in capsys.readouterr().err
 
 
@@ -187,7 +189,7 @@ def test_killed_worker_trial_is_requeued_and_rerun(tmp_path):
     assert not stat.exists() or stat.read_text().split()[2] == "Z", "the trial's run outlived its worker"
 
     storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"), heartbeat_s=1, grace_s=2)
-    states = {t.params["model.init_args.r_init"]: t.state.name
+    states = {t.params["model.init_args.student.r_init"]: t.state.name
               for t in optuna.load_study(study_name="fake", storage=storage).get_trials()}
     assert states[1.0] == "RUNNING"  # the dead worker could not mark it
     finished_before_kill = states.get(0.0) == "COMPLETE"
@@ -199,13 +201,13 @@ def test_killed_worker_trial_is_requeued_and_rerun(tmp_path):
     by_state: dict[str, list] = {}
     for t in trials:
         by_state.setdefault(t.state.name, []).append(t)
-    assert sorted(t.params["model.init_args.r_init"] for t in by_state["COMPLETE"]) == [0.0, 1.0]
-    assert [t.params["model.init_args.r_init"] for t in by_state["FAIL"]] == [1.0]
-    rerun = next(t for t in by_state["COMPLETE"] if t.params["model.init_args.r_init"] == 1.0)
+    assert sorted(t.params["model.init_args.student.r_init"] for t in by_state["COMPLETE"]) == [0.0, 1.0]
+    assert [t.params["model.init_args.student.r_init"] for t in by_state["FAIL"]] == [1.0]
+    rerun = next(t for t in by_state["COMPLETE"] if t.params["model.init_args.student.r_init"] == 1.0)
     assert rerun.system_attrs["retry_history"] == [by_state["FAIL"][0].number]
     assert rerun.value == pytest.approx(11.0)
     if finished_before_kill:  # the point finished before the kill was not run again
-        assert sum(t.params["model.init_args.r_init"] == 0.0 for t in trials) == 1
+        assert sum(t.params["model.init_args.student.r_init"] == 0.0 for t in trials) == 1
     assert result.stdout.count("| COMPLETE |") == 2
 
 
@@ -215,11 +217,11 @@ def test_failed_run_is_retried_then_given_up(tmp_path, capsys):
 
     spec = fake_spec(tmp_path, [0.5, 2.0])
     (tmp_path / "fake_fit.py").write_text(
-        "import sys\nif '--model.init_args.r_init=2.0' in sys.argv:\n    sys.exit(3)\n" + FAKE_FIT)
+        "import sys\nif '--model.init_args.student.r_init=2.0' in sys.argv:\n    sys.exit(3)\n" + FAKE_FIT)
     assert sweep.main(["run", str(spec), "--max-retries", "1"]) == 0
     storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
     trials = optuna.load_study(study_name="fake", storage=storage).get_trials()
-    states = sorted((t.params["model.init_args.r_init"], t.state.name) for t in trials)
+    states = sorted((t.params["model.init_args.student.r_init"], t.state.name) for t in trials)
     assert states == [(0.5, "COMPLETE"), (2.0, "FAIL"), (2.0, "FAIL")]
     assert "given up" in capsys.readouterr().out
     failed = next(t for t in trials if t.state.name == "FAIL")
@@ -238,7 +240,7 @@ def test_parallel_workers_share_one_study(tmp_path):
     storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
     trials = optuna.load_study(study_name="fake", storage=storage).get_trials()
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert sorted(t.params["model.init_args.r_init"] for t in complete) == [0.0, 1.0, 2.0, 3.0]
+    assert sorted(t.params["model.init_args.student.r_init"] for t in complete) == [0.0, 1.0, 2.0, 3.0]
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     assert len({t.user_attrs["worker"] for t in complete}) == 2
 
@@ -290,7 +292,8 @@ def test_deadline_starts_only_trials_that_fit(tmp_path, capsys):
     # A finished trial took well under an hour, so the too-long fallback no longer blocks: the rest runs.
     assert sweep.main(["run", str(spec), "--until", in_an_hour, "--trial-estimate-s", "7200"]) == 0
     trials = optuna.load_study(study_name="fake", storage=storage).get_trials()
-    assert sorted(t.params["model.init_args.r_init"] for t in trials if t.state.name == "COMPLETE") == [0.0, 1.0, 2.0]
+    complete = [t.params["model.init_args.student.r_init"] for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(complete) == [0.0, 1.0, 2.0]
     assert all(t.user_attrs["seconds"] < 3600 for t in trials)
 
     capsys.readouterr()
@@ -353,17 +356,18 @@ def test_trials_run_in_grid_order_seeds_outermost(tmp_path):
     spec.write_text(yaml.safe_dump(document))
     definition = sweep.build_definition(
         [str(tmp_path / "base.yaml")], [], document["sweep"]["grid"], average_over=["seed_everything"])
-    assert [(p["model.init_args.r_init"], p["seed_everything"]) for p in sweep.traversal_order(definition)] == [
+    assert [(p["model.init_args.student.r_init"], p["seed_everything"]) for p in sweep.traversal_order(definition)] == [
         (1.0, 7), (0.0, 7), (0.5, 7), (1.0, 8), (0.0, 8), (0.5, 8)]
 
     assert sweep.main(["run", str(spec), "--max-trials", "4"]) == 0
     storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
     trials = sorted(optuna.load_study(study_name="fake", storage=storage).get_trials(), key=lambda t: t.number)
-    assert [(t.params["model.init_args.r_init"], t.params["seed_everything"], t.state.name) for t in trials] == [
-        (1.0, 7, "COMPLETE"), (0.0, 7, "COMPLETE"), (0.5, 7, "COMPLETE"), (1.0, 8, "COMPLETE")]
+    assert [(t.params["model.init_args.student.r_init"], t.params["seed_everything"], t.state.name)
+            for t in trials] == [(1.0, 7, "COMPLETE"), (0.0, 7, "COMPLETE"), (0.5, 7, "COMPLETE"), (1.0, 8, "COMPLETE")]
     # The plot's numeric axis runs left to right whatever the run order: FID = 10 + r_init (FAKE_FIT).
     study, stored = sweep.load_study(storage, "fake")
-    table_order = [(r["model.init_args.r_init"], r["seed_everything"]) for r in sweep.summary_rows(study, stored)]
+    table_order = [(r["model.init_args.student.r_init"], r["seed_everything"])
+                   for r in sweep.summary_rows(study, stored)]
     assert table_order == [(0.0, 7), (0.5, 7), (1.0, 7), (1.0, 8)]  # the table sorts numbers by value too
     series = sweep.plot_series(sweep.summary_rows(study, stored), stored, "fid")
     assert series == {"": [(0.0, 10.0, 10.0, 10.0), (0.5, 10.5, 10.5, 10.5), (1.0, 11.0, 11.0, 11.0)]}
@@ -382,7 +386,7 @@ def test_a_point_queued_twice_runs_once_even_before_the_first_trial_suggests(tmp
                                         out=spec_section["out"], command=spec_section["command"])
     storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
     study = sweep.create_or_load_study(storage, "fake", definition)
-    point = {"model.init_args.r_init": 0.0}
+    point = {"model.init_args.student.r_init": 0.0}
     study.enqueue_trial(point)
     study.enqueue_trial(point)
     first = study.ask()  # worker A took trial 0: RUNNING, no params yet

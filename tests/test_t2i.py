@@ -174,7 +174,7 @@ def test_grid_fid_monitor_and_report_with_prompts(tmp_path):
     grid = SampleGrid(every_n_generator_steps=100, samples_per_class=2, max_rows=3, batch_size=4)
     fid = FIDMonitor(every_n_generator_steps=1, num_samples=6, batch_size=4)
     report = EvaluationReport(num_samples=6, teacher_steps=[2], batch_size=4)
-    module = DiMOModule(FakePromptTeacher(), max_generator_steps=1, seed=0)
+    module = DiMOModule(FakePromptTeacher(), optim={"max_generator_steps": 1}, run={"seed": 0})
     trainer = fit_trainer(tmp_path, [grid, fid, report])
     trainer.fit(module, dm)
     assert [(r.model, r.steps) for r in report.rows] == [("teacher", 2), ("student", 1)]
@@ -204,7 +204,7 @@ def test_predict_with_a_prompts_file_writes_prompts_in_order(tmp_path):
     path = write_prompts(tmp_path / "predict.txt", prompts)
     dm = PromptDataModule(train_prompts=path, predict_prompts=path, batch_size=3, predict_samples=9)
     writer = SampleWriter(str(tmp_path / "out"), shard_size=4, max_png=3)
-    module = DiMOModule(FakePromptTeacher(), seed=0)
+    module = DiMOModule(FakePromptTeacher(), run={"seed": 0})
     fit_trainer(tmp_path, [writer]).predict(module, dm)
     index = read_prediction_index(writer.path)
     assert index["count"] == 9 and index["conditions"] == "prompts"

@@ -1,5 +1,5 @@
-"""One set of teacher decoding settings: `dimo predict` (predict_with=teacher) and EvaluationReport read the
-module's `teacher_sampling`; the report's own arguments only override."""
+"""One set of teacher decoding settings: `dimo predict` (sampling.predict_with=teacher) and EvaluationReport read the
+module's `sampling.teacher`; the report's own arguments only override."""
 
 from __future__ import annotations
 
@@ -42,15 +42,16 @@ def _report_settings(module, report, tmp_path, monkeypatch) -> dict:
 
 
 def test_predict_and_report_decode_the_teacher_alike(tiny_teacher, tmp_path, monkeypatch):
-    module = DiMOModule(tiny_teacher, teacher_cfg_scale=3.0, predict_with="teacher",
-                        teacher_sampling={"steps": 5, "choice_temperature": 16.0, "schedule": "cosine"})
+    module = DiMOModule(tiny_teacher, targets={"cfg_scale": 3.0},
+                        sampling={"predict_with": "teacher",
+                                  "teacher": {"steps": 5, "choice_temperature": 16.0, "schedule": "cosine"}})
     calls = []
     original = tiny_teacher.sample
     monkeypatch.setattr(tiny_teacher, "sample", lambda cond, **kw: calls.append(kw) or original(cond, **kw))
     out = module.predict_step(torch.tensor([0, 1]), 0)
     assert out["images"].shape == (2, 1, 28, 28)
     assert calls[0]["steps"] == 5 and calls[0]["choice_temperature"] == 16.0 and calls[0]["schedule"] == "cosine"
-    assert calls[0]["cfg_scale"] == 3.0  # cfg_scale None: the distillation's teacher_cfg_scale
+    assert calls[0]["cfg_scale"] == 3.0  # cfg_scale None: the distillation's targets.cfg_scale
 
     seen = _report_settings(module, EvaluationReport(num_samples=10, accuracy_network=None), tmp_path, monkeypatch)
     assert seen["teacher_choice_temperature"] == 16.0 and seen["teacher_cfg_scale"] == 3.0
@@ -66,16 +67,16 @@ def test_mnist_config_sets_choice_temperature_16_in_one_place():
             pass
 
     config = ParseOnly(args=["--config", str(ROOT / "configs/mnist/dimo.yaml")], run=False).config
-    assert config.model.init_args.teacher_sampling.choice_temperature == 16.0
+    assert config.model.init_args.sampling.teacher.choice_temperature == 16.0
     reports = [c for c in config.trainer.callbacks if c.class_path.endswith("EvaluationReport")]
     assert reports and reports[0].init_args.teacher_choice_temperature is None
     assert reports[0].init_args.teacher_cfg_scale is None
 
 
 def test_teacher_sampling_rejects_bad_values():
-    with pytest.raises(ValueError, match="teacher_sampling.schedule"):
+    with pytest.raises(ValueError, match="sampling.teacher.schedule"):
         TeacherSampling(schedule="fast")
-    with pytest.raises(ValueError, match="teacher_sampling.steps"):
+    with pytest.raises(ValueError, match="sampling.teacher.steps"):
         TeacherSampling(steps=0)
-    with pytest.raises(ValueError, match="unknown teacher_sampling keys: stepz"):
+    with pytest.raises(ValueError, match="unknown sampling.teacher keys: stepz"):
         TeacherSampling.coerce({"stepz": 3})

@@ -49,6 +49,7 @@ from dimo_lightning.core.masking import remask
 from dimo_lightning.inference.one_step import StudentInput, TokenSampling, student_logits, student_sample
 from dimo_lightning.inference.pipeline import OneStepPipeline
 from dimo_lightning.training.module import DiMOModule
+from dimo_lightning.training.settings import group_fields
 
 SCHEMA_VERSION = 1
 TEACHER_STEPS = (1, 8, 16)
@@ -171,7 +172,7 @@ class BenchSetup:
     def build(self, overrides: list[str] = ()) -> tuple[pl.LightningModule, pl.LightningDataModule, Any]:
 
         # The bench drives its own iterations: never let the module's step limit end the fit first.
-        args = [*self.cli_args, "--model.init_args.max_generator_steps=1000000000", *overrides]
+        args = [*self.cli_args, "--model.init_args.optim.max_generator_steps=1000000000", *overrides]
         cli = DiMOCLI(args=args, run=False, save_config_callback=None)
         if not isinstance(cli.model, DiMOModule):
             raise SystemExit(f"dimo bench: the config's model is {type(cli.model).__name__}, not a DiMOModule")
@@ -208,8 +209,8 @@ class BenchSetup:
 
 # ---- pass timings and sampling (run on the fitted model, on its device) ----------------------------------------------
 def first_condition_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-    batch = next(iter(trainer.train_dataloader))
-    cond = pl_module.teacher.encode_condition(batch)
+    batch = next(iter(trainer.train_dataloader))  # a ConditionBatch (dimo_lightning.data.batch)
+    cond = pl_module.teacher.encode_condition(batch.conditions)
     return cond.to(pl_module.device) if isinstance(cond, torch.Tensor) else cond
 
 
@@ -224,7 +225,7 @@ class PassBench:
     """
 
     def __init__(self, trainer: pl.Trainer, pl_module) -> None:
-        hp = pl_module.hparams
+        s = pl_module.settings
         teacher = pl_module.teacher
         self.sync = synchronizer(pl_module.device)
         cond = first_condition_batch(trainer, pl_module)
@@ -232,14 +233,14 @@ class PassBench:
         opt_g, opt_a = trainer.optimizers[:2]
         self.optimizers = (opt_g, opt_a)
         context = trainer.precision_plugin.train_step_context
-        student_input = StudentInput(sum(pl_module.r_init_range) / 2, pl_module.current_sigma(),
+        student_input = StudentInput(sum(s.student.r_init_range) / 2, pl_module.current_sigma(),
                                      pl_module.emb_noise_scale)
         device = pl_module.device
         student = pl_module.student
         with torch.no_grad(), context():
-            sampling = TokenSampling(hp.student_temperature, exclude=(teacher.mask_id,))
+            sampling = TokenSampling(s.student.temperature, exclude=(teacher.mask_id,))
             x, z = student_sample(teacher, student, cond, student_input, sampling, generator, device)
-            x_t, mask, _ = remask(x, hp.gen_mask_schedule, teacher.mask_id, generator)
+            x_t, mask, _ = remask(x, s.targets.mask_schedule, teacher.mask_id, generator)
             grad = torch.randn_like(z, dtype=torch.float32) * 1e-3
         self.batch_size = int(x.shape[0])
 
@@ -268,7 +269,7 @@ class PassBench:
         def teacher_cfg(mode=torch.no_grad, ctx=context):
             def run():
                 with mode(), ctx():
-                    teacher.guided_logits(teacher.network, x_t, cond, hp.teacher_cfg_scale)
+                    teacher.guided_logits(teacher.network, x_t, cond, s.targets.cfg_scale)
             return run
 
         def teacher_two_passes():
@@ -276,7 +277,7 @@ class PassBench:
             with torch.no_grad(), context():
                 conditional = teacher.apply_network(teacher.network, x_t, cond)
                 unconditional = teacher.apply_network(teacher.network, x_t, cond, drop)
-                unconditional + hp.teacher_cfg_scale * (conditional - unconditional)
+                unconditional + s.targets.cfg_scale * (conditional - unconditional)
 
         def aux_fwd():
             with torch.no_grad(), context():
@@ -285,7 +286,7 @@ class PassBench:
         def aux_fwd_bwd():
             with context():
                 logits = teacher.apply_network(pl_module.aux, x_t, cond)
-                loss = aux_loss(logits, x, mask, hp.aux_label_smoothing)
+                loss = aux_loss(logits, x, mask, s.aux.label_smoothing)
             loss.backward()
 
         def adam_steps():  # uses the gradients the timed backward passes left (weights change; timings do not)
@@ -299,7 +300,7 @@ class PassBench:
             "aux_fwd_bwd": aux_fwd_bwd,
             "adam_steps": adam_steps,
         }
-        if hp.aux_sample == "fresh":
+        if s.aux.sample == "fresh":
             self.passes["student_fwd_fresh_aux_sample"] = student_fwd
         flipped = "full" if not getattr(student, "full_head", True) else "lean"
         self.extra: dict[str, Callable[[], None]] = {
@@ -337,16 +338,16 @@ def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
     teacher's MaskGIT decoder at ``teacher_steps`` with its CFG, under ``torch.inference_mode``.
 
     Both samplers run as configured: the student through its one-step pipeline (the module's sampling defaults, as
-    ``generate``), the teacher with the module's ``teacher_sampling`` (choice temperature, schedule, CFG ramp; what
+    ``generate``), the teacher with the module's ``sampling.teacher`` (choice temperature, schedule, CFG ramp; what
     the evaluation report and ``dimo predict`` decode with), at each step count. The samplers take turns in each
     round, so a change of machine load hits all of them alike; and each timed student sample is a block of
     ``max(teacher_steps)`` calls (its per-call mean), so that it spans a comparable stretch of time to a teacher
     sample: one call of a few milliseconds would otherwise see the load of that instant only, while a teacher decode
     averages over seconds.
     The longest teacher decode is also timed with the other CFG form (two passes of B instead of one of 2B, or the
-    reverse; ``teacher_sampling.cfg_batched``), so the ratio can be read against the faster form as well.
+    reverse; ``sampling.teacher.cfg_batched``), so the ratio can be read against the faster form as well.
     """
-    hp = pl_module.hparams
+    settings = pl_module.settings
     sync = synchronizer(pl_module.device)
     cond = first_condition_batch(trainer, pl_module)
     b = pl_module.teacher.condition_batch_size(cond)
@@ -362,18 +363,18 @@ def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
                 pipeline.sample_codes(cond=cond, generator=generator)
 
     def teacher(steps):
-        settings = pl_module.teacher_sampling.sample_kwargs(hp.teacher_cfg_scale, steps=steps)
+        kwargs = settings.teacher_sample_kwargs(steps=steps)
 
         def run():
             with torch.inference_mode(), context():
-                pl_module.teacher.sample(cond, generator=generator, **settings)
+                pl_module.teacher.sample(cond, generator=generator, **kwargs)
         return run
 
     samplers = {"student": student, **{str(steps): teacher(steps) for steps in teacher_steps}}
     longest = max(teacher_steps)
-    flipped_cfg_batched = not pl_module.teacher_sampling.cfg_batched
-    if hp.teacher_cfg_scale != 1.0:
-        flipped = {**pl_module.teacher_sampling.sample_kwargs(hp.teacher_cfg_scale, steps=longest),
+    flipped_cfg_batched = not settings.sampling.teacher.cfg_batched
+    if settings.targets.cfg_scale != 1.0:
+        flipped = {**settings.teacher_sample_kwargs(steps=longest),
                    "cfg_batched": flipped_cfg_batched}
 
         def teacher_other_cfg_form():
@@ -407,7 +408,7 @@ def time_sampling(trainer: pl.Trainer, pl_module, warmup: int, repeats: int,
             "teacher_other_cfg_form": other_form,
             "student_calls_per_sample": student_block,
             "page_faults_per_call": {name: statistics.median(values) for name, values in faults.items()},
-            "teacher_sampling": pl_module.teacher_sampling.sample_kwargs(hp.teacher_cfg_scale)}
+            "teacher_sampling": settings.teacher_sample_kwargs()}
 
 
 # ---- the bench ------------------------------------------------------------------------------------------------------
@@ -462,9 +463,10 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
         found["sampling"] = time_sampling(trainer, pl_module, warmup, repeats, teacher_steps)
         found["device"] = str(pl_module.device)
         found["precision"] = str(trainer.precision)
-        found["hparams"] = {k: pl_module.hparams[k] for k in ("aux_sample", "aux_rounds", "teacher_cfg_scale",
-                                                              "full_output_head", "compile_networks",
-                                                              "train_dropout") if k in pl_module.hparams}
+        fields = group_fields(pl_module.hparams)
+        found["hparams"] = {k: fields[k] for k in ("aux.sample", "aux.rounds", "targets.cfg_scale",
+                                                   "run.full_output_head", "run.compile_networks",
+                                                   "optim.train_dropout") if k in fields}
 
     log("training iterations (the config as given), each followed by the passes alone ...")
     base = setup.fit(after=measure_base, between=time_passes_between, track_cuda_memory=True)
@@ -475,7 +477,7 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
 
     hp = found["hparams"]
     passes = found["passes"]
-    gen_share = 1.0 / hp.get("aux_rounds", 1)  # generator passes run on every aux_rounds-th iteration
+    gen_share = 1.0 / hp.get("aux.rounds", 1)  # generator passes run on every aux.rounds-th iteration
     weights = {"student_fwd_bwd": gen_share, "teacher_cfg_fwd_2b": gen_share, "aux_fwd": gen_share,
                "aux_fwd_bwd": 1.0, "adam_steps": 1.0, "student_fwd_fresh_aux_sample": 1.0}
     clocks = ("wall", "cpu")
@@ -488,7 +490,7 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
         split[c]["other"] = 1.0 - passes_sum[c] / iteration[c]
 
     sampling = found["sampling"]
-    cfg_on = hp.get("teacher_cfg_scale", 1.0) != 1.0
+    cfg_on = hp.get("targets.cfg_scale", 1.0) != 1.0
     longest = str(max(teacher_steps))
     ideal = (2 if cfg_on else 1) * int(longest)
     ratio = {c: sampling["student_images_per_s"][c] / sampling["teacher_images_per_s"][longest][c] for c in clocks}
@@ -519,9 +521,10 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
 
     if "output_head" not in skip_levers:
         log("lever: output head (full vs returned-only) ...")
-        full, lean = pair(["--model.init_args.full_output_head=true"], ["--model.init_args.full_output_head=false"])
+        full, lean = pair(["--model.init_args.run.full_output_head=true"],
+                          ["--model.init_args.run.full_output_head=false"])
         row("output_head", "full (all N+1 positions x all ids)", "returned rows only", full, lean, "s/iteration")
-        base_full = bool(hp.get("full_output_head"))
+        base_full = bool(hp.get("run.full_output_head"))
         for label, base_key in (("student fwd+bwd pass", "student_fwd_bwd"), ("student fwd pass", "student_fwd")):
             base_timing = passes.get(base_key) or extra[base_key]
             flipped = extra[f"{base_key}_{'lean' if base_full else 'full'}_head"]
@@ -530,7 +533,7 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
                 note="alternating calls")
     if "aux_sample" not in skip_levers:
         log("lever: aux_sample (fresh vs reuse) ...")
-        fresh, reuse = pair(["--model.init_args.aux_sample=fresh"], ["--model.init_args.aux_sample=reuse"])
+        fresh, reuse = pair(["--model.init_args.aux.sample=fresh"], ["--model.init_args.aux.sample=reuse"])
         row("aux_sample", "fresh", "reuse", fresh, reuse, "s/iteration")
     if "batched_cfg" not in skip_levers:
         row("batched_cfg (teacher pass)", "2 passes of B", "1 pass of 2B", extra["teacher_cfg_two_passes_b"],
@@ -562,7 +565,7 @@ def run_bench(cli_args: list[str], warmup: int = 3, repeats: int = 10, skip_leve
         log("lever: torch.compile of student, aux and teacher (compilation takes a while) ...")
         eager = setup.fit([])  # right before the compiled run: the two see about the same machine load
         start = time.perf_counter()
-        compiled = setup.fit(["--model.init_args.compile_networks=[student, aux, teacher]"])
+        compiled = setup.fit(["--model.init_args.run.compile_networks=[student, aux, teacher]"])
         total = time.perf_counter() - start
         row("compile", "eager", "torch.compile (student, aux, teacher)", eager.step_times(), compiled.step_times(),
             "s/iteration", note=f"first iteration {compiled.first_step_wall_seconds():.0f} s wall (compilation); "

@@ -26,13 +26,16 @@ import zipfile
 from collections.abc import Iterator
 from typing import Any
 
+import jsonargparse
 import lightning.pytorch as pl
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from dimo_lightning.training.checkpoint_io import UnreadableCheckpoint, check_checkpoint_file, read_checkpoint
+from dimo_lightning.training.checkpoint_state import migrate_hparams
 from dimo_lightning.training.progress import GeneratorStepProgressBar
+from dimo_lightning.training.settings import GROUPS, group_fields, legacy_key_message
 
 # `dimo <name> ...` for commands outside LightningCLI: name -> "module:function" (imported only when used). The
 # function's typed signature and Google docstring become the command's flags and help.
@@ -44,6 +47,12 @@ SUBCOMMANDS: dict[str, str] = {
 
 # ``--ckpt_path`` values that Lightning resolves itself (``registry`` and ``registry:...`` too).
 CKPT_ALIASES = ("last", "best", "hpc")
+# The settings groups document their fields in attribute docstrings (training/settings.py): show them in --help.
+if hasattr(jsonargparse, "set_parsing_settings"):
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+else:  # jsonargparse < 4.35
+    jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+
 # Exceptions that mean "the input is wrong", reported in one line; anything else keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ArgumentError, MisconfigurationException, KeyError)
 ERROR_EXIT_STATUS = 2
@@ -96,9 +105,9 @@ class DiMOCLI(LightningCLI):
         """Keep the given config when ``--ckpt_path`` is set, and say where it differs from the checkpoint.
 
         LightningCLI would overwrite the model's arguments with those saved in the checkpoint, silently dropping
-        the command line: ``--model.init_args.max_generator_steps`` when extending a run, ``predict_with=teacher``
-        for ``dimo predict``, sampling knobs for ``dimo validate``. Here the YAML and flags win, as they do for
-        the trainer and the data.
+        the command line: ``--model.init_args.optim.max_generator_steps`` when extending a run,
+        ``sampling.predict_with=teacher`` for ``dimo predict``, sampling knobs for ``dimo validate``. Here the YAML
+        and flags win, as they do for the trainer and the data.
         """
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -126,7 +135,9 @@ class DiMOCLI(LightningCLI):
 
 
 def differing_arguments(saved: dict[str, Any], init_args: Any) -> list[tuple[str, Any, Any]]:
-    """``(name, checkpoint value, config value)`` for each plain-valued model argument that differs."""
+    """``(name, checkpoint value, config value)`` for each plain-valued model argument that differs; the settings
+    groups compare field by field (``aux.rounds``), and a checkpoint with the flat arguments of an earlier version
+    is read in the groups' layout."""
     if not saved or init_args is None:
         return []
     plain = (bool, int, float, str, type(None), list, tuple)
@@ -134,11 +145,18 @@ def differing_arguments(saved: dict[str, Any], init_args: Any) -> list[tuple[str
     def comparable(value: Any) -> Any:
         return list(value) if isinstance(value, tuple) else value  # YAML gives lists where Python saved tuples
 
+    def flat(arguments: Any) -> dict[str, Any]:
+        arguments = dict(arguments.items()) if hasattr(arguments, "items") else {}
+        grouped = group_fields({k: dict(v.items()) if hasattr(v, "items") else v for k, v in arguments.items()})
+        return {**{k: v for k, v in arguments.items() if not k.startswith("_")}, **grouped}
+
+    current = flat(init_args)
+    grouped = any(key.split(".")[0] in GROUPS for key in current)  # a DiMOModule: read old flat checkpoints in groups
     changed = []
-    for key, old in saved.items():
-        if key.startswith("_") or key not in init_args or not isinstance(old, plain):
+    for key, old in flat(migrate_hparams(saved) if grouped else saved).items():
+        if key not in current or not isinstance(old, plain):
             continue
-        new = init_args[key]
+        new = current[key]
         if isinstance(new, plain) and comparable(new) != comparable(old):
             changed.append((key, old, new))
     return changed
@@ -241,6 +259,12 @@ def _flag_for(err: BaseException, message: str, cli_config: Any) -> str | None:
     ]
     if quoted:
         return min(quoted)[1]  # the value the message names first is the one it is about
+    # "student.r_init must be ..." or "sampling.teacher.schedule must be ...": the message starts with its field
+    first = re.match(r"[A-Za-z_][\w.]*", message)
+    if first:
+        for key, _ in items:
+            if key.endswith(f".{first.group(0)}") and not key.endswith("class_path"):
+                return f"--{key}"
     failing = _failing_class(err)
     owner = None  # the config key of the class that raised, e.g. "data"
     if failing is not None:
@@ -271,8 +295,13 @@ def _parse_error_message(err: BaseException) -> str | None:
         if match:
             owner = match.group(1)
     reason = " ".join(str(root_cause(err)).split())
-    unknown = re.match(r"Option '([^']+)' is not accepted", reason)
+    unknown = re.match(r"Option '([^']+)' is not accepted", reason) or re.match(
+        r"unrecognized arguments: --([\w.]+)", reason)
     if unknown:
+        if keys == ["model"]:  # a flat DiMOModule argument of an earlier version: name its group
+            moved = legacy_key_message(unknown.group(1))
+            if moved:
+                return moved
         keys.append(unknown.group(1))
         reason = f"unknown option: {owner or 'the class'} has no argument {unknown.group(1)!r}"
     if not keys:

@@ -28,9 +28,9 @@ A sweep spec is a YAML file with one ``sweep`` section; relative config paths ar
     sweep:
       study: mnist_r_init
       configs: [base.yaml]                      # `dimo fit` configs, in order
-      args: [--model.init_args.max_generator_steps=300]   # fixed overrides of every trial
+      args: [--model.init_args.optim.max_generator_steps=300]   # fixed overrides of every trial
       grid:                                     # key -> values; several keys = their product
-        model.init_args.r_init: [0.0, 0.5, 1.0]
+        model.init_args.student.r_init: [0.0, 0.5, 1.0]
       average_over: [seed_everything]           # grid keys the summary plots average (error bars: min..max)
       workers: 2
       env: {OMP_NUM_THREADS: "1"}               # environment of the trial processes
@@ -81,7 +81,7 @@ def parse_values(text: str, flag: str = "--grid") -> list[Any]:
 
 
 def parse_grid_flag(text: str) -> tuple[str, list[Any]]:
-    """``"model.init_args.r_init=0.0,0.5"`` -> ``("model.init_args.r_init", [0.0, 0.5])``."""
+    """``"model.init_args.student.r_init=0.0,0.5"`` -> ``("model.init_args.student.r_init", [0.0, 0.5])``."""
     key, sep, values = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--grid expects KEY=V1,V2,..., got {text!r}")

@@ -1,8 +1,8 @@
 """TeacherSampling: the one set of settings with which the teacher is decoded, wherever it is sampled.
 
-``dimo predict --model.init_args.predict_with=teacher`` (``DiMOModule.predict_step``) and the
-:class:`~dimo_lightning.evaluation.callbacks.evaluation_report.EvaluationReport` both read
-``DiMOModule.teacher_sampling``, so the same teacher cannot be scored with one choice temperature and sampled with
+``dimo predict --model.init_args.sampling.predict_with=teacher`` (``DiMOModule.predict_step``) and the
+:class:`~dimo_lightning.evaluation.callbacks.evaluation_report.EvaluationReport` both read the module's
+``sampling.teacher`` settings, so the same teacher cannot be scored with one choice temperature and sampled with
 another.
 """
 
@@ -34,9 +34,9 @@ class TeacherSampling:
     """MaskGIT decoding of the teacher (see :func:`dimo_lightning.core.sampling.maskgit_decode`).
 
     Args:
-        steps: decoding steps of ``dimo predict`` with ``predict_with: teacher`` (the report has its own list of
-            step counts, one row each).
-        cfg_scale: classifier-free guidance; None uses the module's ``teacher_cfg_scale`` (the distillation target).
+        steps: decoding steps of ``dimo predict`` with ``sampling.predict_with: teacher`` (the report has its own
+            list of step counts, one row each).
+        cfg_scale: classifier-free guidance; None uses the module's ``targets.cfg_scale`` (the distillation target).
         choice_temperature: initial Gumbel temperature of the confidence (MaskGIT: 4.5 for 256 tokens; the 49-token
             MNIST teacher is best at 16).
         schedule: how many tokens each step reveals: root, linear, square, cosine, arccos.
@@ -57,20 +57,20 @@ class TeacherSampling:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"teacher_sampling.steps must be >= 1, got {self.steps}")
+            raise ValueError(f"sampling.teacher.steps must be >= 1, got {self.steps}")
         if self.schedule not in DECODE_SCHEDULES:
             raise ValueError(
-                f"teacher_sampling.schedule must be one of {', '.join(DECODE_SCHEDULES)}, got {self.schedule!r}"
+                f"sampling.teacher.schedule must be one of {', '.join(DECODE_SCHEDULES)}, got {self.schedule!r}"
             )
         if self.choice_temperature < 0:
-            raise ValueError(f"teacher_sampling.choice_temperature must be >= 0, got {self.choice_temperature}")
+            raise ValueError(f"sampling.teacher.choice_temperature must be >= 0, got {self.choice_temperature}")
         if self.softmax_temperature <= 0:
-            raise ValueError(f"teacher_sampling.softmax_temperature must be > 0, got {self.softmax_temperature}")
+            raise ValueError(f"sampling.teacher.softmax_temperature must be > 0, got {self.softmax_temperature}")
 
     @classmethod
     def coerce(cls, value: TeacherSampling | Mapping[str, Any] | None) -> TeacherSampling:
         """Accept the dataclass, a plain dict (from a checkpoint's hyperparameters) or None (defaults)."""
-        return coerce_settings(cls, value, "teacher_sampling")
+        return coerce_settings(cls, value, "sampling.teacher")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

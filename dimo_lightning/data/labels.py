@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dimo_lightning.core.seeding import derive_seed
 from dimo_lightning.core.sharding import rank_batches
+from dimo_lightning.data.batch import ConditionBatch
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -137,7 +138,7 @@ class PredictConditions(IterableDataset):
 
 
 class ClassLabelDataModule(pl.LightningDataModule):
-    """Conditions only: batches of class labels (B,) long.
+    """Conditions only: training batches ``ConditionBatch(labels (B,) long)``.
 
     Args:
         num_classes: number of classes of the teacher.
@@ -169,7 +170,7 @@ class ClassLabelDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self._stream is None:
             self._stream = ClassLabelStream(self.num_classes, self.batch_size, self.batches_per_epoch, self.seed)
-        return ResumableLoader(self._stream, batch_size=None)
+        return ResumableLoader(self._stream, batch_size=None, collate_fn=ConditionBatch)
 
     def val_dataloader(self) -> DataLoader:
         """One batch of labels: validation work happens in callbacks (EvaluationReport, FIDMonitor)."""

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dimo_lightning.core.seeding import derive_seed
+from dimo_lightning.data.batch import ConditionBatch
 from dimo_lightning.data.labels import PredictConditions, ResumableLoader, _rank_and_world, check_counts
 from dimo_lightning.data.prompt_files import PromptFile, load_prompts
 
@@ -81,7 +82,7 @@ class PromptStream(IterableDataset):
 
 
 class PromptDataModule(pl.LightningDataModule):
-    """Conditions only: batches of prompts (lists of strings); the teacher encodes them.
+    """Conditions only: training batches ``ConditionBatch([B prompt strings])``; the teacher encodes them.
 
     The negative prompt is not data: it is set in one place, the teacher's ``negative_prompt``
     (``--model.init_args.teacher.init_args.negative_prompt``), which owns CFG wherever the teacher is sampled or
@@ -151,7 +152,7 @@ class PromptDataModule(pl.LightningDataModule):
         if self._stream is None:
             self._stream = PromptStream(self.prompts("train"), self.batch_size, self.batches_per_epoch, self.seed,
                                         self.shuffle)
-        return ResumableLoader(self._stream, batch_size=None)
+        return ResumableLoader(self._stream, batch_size=None, collate_fn=ConditionBatch)
 
     def val_dataloader(self) -> DataLoader:
         """One batch of held-out prompts: validation work happens in callbacks."""

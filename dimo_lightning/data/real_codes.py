@@ -1,8 +1,8 @@
 """Real token codes for the Soft-Di[M]O discriminator (opt-in: Di[M]O itself stays data-free).
 
-:class:`RealCodesDataModule` yields batches ``(labels (B,), codes (B, N))`` of *real* data: the labels are the
-conditions the student generates for (so real and fake batches share their classes), the codes what the
-discriminator sees as real. Two sources:
+:class:`RealCodesDataModule` yields training batches ``ConditionBatch(labels (B,), real=codes (B, N))`` of *real*
+data: the labels are the conditions the student generates for (so real and fake batches share their classes), the
+codes what the discriminator sees as real. Two sources:
 
 * ``"mnist"``: the 4,000 digits of the MNIST ``"train"`` split, tokenized by the shipped PatchVQ codebook. The
   1,000 ``"val"`` digits, the reference of every FID in the report, are never drawn: the split is made by
@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dimo_lightning.core.seeding import derive_seed
+from dimo_lightning.data.batch import ConditionBatch
 from dimo_lightning.data.labels import ClassLabelDataModule, ResumableLoader, _rank_and_world, check_counts
 from dimo_lightning.data.mnist import load_mnist_digits, split_indices
 from dimo_lightning.tokenizers.patch_vq import PatchVQTokenizer
@@ -227,7 +228,8 @@ class RealCodeStream(IterableDataset):
 
 
 class RealCodesDataModule(ClassLabelDataModule):
-    """Real (label, codes) batches for the discriminator; validation and prediction yield labels as the parent does.
+    """Real training batches ``ConditionBatch(labels, real=codes)`` for the discriminator and the coverage term;
+    validation and prediction yield labels as the parent does.
 
     Args:
         codes: ``"mnist"`` (the MNIST train split tokenized by ``codebook``) or the path of a ``.npz`` with
@@ -290,4 +292,9 @@ class RealCodesDataModule(ClassLabelDataModule):
     def train_dataloader(self) -> DataLoader:
         if self._code_stream is None:
             self._code_stream = RealCodeStream(self.load(), self.batch_size, self.batches_per_epoch, self.seed)
-        return ResumableLoader(self._code_stream, batch_size=None)
+        return ResumableLoader(self._code_stream, batch_size=None, collate_fn=_condition_batch)
+
+
+def _condition_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> ConditionBatch:
+    """A stream item ``(labels, codes)`` as the training batch."""
+    return ConditionBatch(pair[0], real=pair[1])

@@ -88,11 +88,7 @@ def teacher_sample_settings(pl_module: Any, overrides: Mapping[str, Any] | None 
     Raises:
         ValueError: an override that ``teacher.sample`` does not accept (names ``flag``).
     """
-    settings = getattr(pl_module, "settings", None)
-    if settings is not None and callable(getattr(settings, "teacher_sample_kwargs", None)):
-        kwargs = dict(settings.teacher_sample_kwargs())
-    else:  # the flat hyperparameters of DiMOModule before its settings groups
-        kwargs = dict(pl_module.teacher_sampling.sample_kwargs(pl_module.hparams.teacher_cfg_scale))
+    kwargs = dict(pl_module.settings.teacher_sample_kwargs())
     accepted = sample_parameters(pl_module.teacher.sample)
     unknown = sorted(set(overrides or {}) - accepted) if accepted is not None else []
     if unknown:
@@ -114,11 +110,8 @@ def sample_parameters(sample: Callable) -> set[str] | None:
 
 
 def max_generator_steps(pl_module: Any) -> int:
-    """The module's ``optim.max_generator_steps`` (the flat ``max_generator_steps`` before the settings groups)."""
-    settings = getattr(pl_module, "settings", None)
-    if settings is not None and hasattr(settings, "optim"):
-        return int(settings.optim.max_generator_steps)
-    return int(pl_module.hparams.max_generator_steps)
+    """The module's ``optim.max_generator_steps``."""
+    return int(pl_module.settings.optim.max_generator_steps)
 
 
 # ---------------------------------------------------------------- conditions and references

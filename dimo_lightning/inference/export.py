@@ -84,8 +84,9 @@ def checkpoint_records(module: Any) -> dict[str, Any]:
     """What an export needs beyond the weights, taken from a live DiMOModule (called when it saves a checkpoint).
 
     Returns:
-        ``{"network", "tokenizer", "conditioning", "emb_noise_scale"}``; entries that this teacher cannot provide
-        are None, and exporting such a checkpoint fails with a message saying which.
+        ``{"network", "tokenizer", "conditioning", "emb_noise_scale", "sampling"}``; entries that this teacher
+        cannot provide are None, and exporting such a checkpoint fails with a message saying which. ``sampling``
+        is the one-step sampling the module evaluates with (``module.settings.one_step_defaults()``).
     """
 
     teacher = module.teacher
@@ -95,14 +96,17 @@ def checkpoint_records(module: Any) -> dict[str, Any]:
     if isinstance(teacher, ClassConditionalTeacher):
         conditioning = {"type": "class_label", "num_classes": int(teacher.num_classes)}
     elif isinstance(teacher, TextConditionalTeacher):
-        conditioning = prompt_conditioning_record(teacher, module.device,
-                                                  float(module.hparams.get("teacher_cfg_scale", 1.0)))
+        conditioning = prompt_conditioning_record(teacher, module.device, float(module.settings.targets.cfg_scale))
     tokenizer = getattr(teacher, "tokenizer", None)
+    defaults = module.settings.one_step_defaults()
     return {
         "network": network_record(module.student),
         "tokenizer": tokenizer_record(tokenizer) if tokenizer is not None else None,
         "conditioning": conditioning,
         "emb_noise_scale": float(module.emb_noise_scale),
+        "sampling": {"r_init": defaults["r_init"], "emb_noise_sigma": defaults["emb_noise_sigma"],
+                     "emb_noise_scale": float(module.emb_noise_scale), "temperature": defaults["temperature"],
+                     "top_k": defaults["top_k"], "top_p": defaults["top_p"]},
     }
 
 
@@ -154,6 +158,14 @@ def student_weights(checkpoint: Mapping[str, Any], ema: bool | None = None) -> t
             raise ValueError("the StudentEMA weights do not have the student's keys; the checkpoint is inconsistent")
         return weights, "ema"
     return raw, "student"
+
+
+def export_sampling(records: Mapping[str, Any], hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The one-step sampling settings of an export: the checkpoint's export record, or for a checkpoint written
+    before the record carried them, the defaults read from its flat hyperparameters."""
+    if isinstance(records.get("sampling"), Mapping):
+        return dict(records["sampling"])
+    return SamplingDefaults.from_hparams(hparams, records.get("emb_noise_scale", 1.0)).to_dict()
 
 
 def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None = None,
@@ -222,7 +234,7 @@ def export_student(ckpt_path: str | Path, output: str | Path, ema: bool | None =
         "network": records["network"],
         "conditioning": conditioning,
         "tokenizer": tokenizer,
-        "sampling": SamplingDefaults.from_hparams(hparams, records["emb_noise_scale"]).to_dict(),
+        "sampling": export_sampling(records, hparams),
         "teacher": teacher if isinstance(teacher, Mapping) else None,
         "generator_step": int((checkpoint.get("dimo") or {}).get("generator_step", 0)),
         "checkpoint": str(Path(ckpt_path).resolve()),
@@ -285,7 +297,7 @@ def export_diffusers_transformer(checkpoint: Mapping[str, Any], records: Mapping
         "transformer": DIFFUSERS_SUBFOLDER,
         "weights_source": source,
         "network_class": network_info["class_path"],
-        "sampling": SamplingDefaults.from_hparams(hparams, records.get("emb_noise_scale", 1.0)).to_dict(),
+        "sampling": export_sampling(records, hparams),
         "teacher": teacher if isinstance(teacher, Mapping) else None,
         "generator_step": int((checkpoint.get("dimo") or {}).get("generator_step", 0)),
         "checkpoint": str(Path(ckpt_path).resolve()),

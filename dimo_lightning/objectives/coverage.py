@@ -17,15 +17,24 @@ layer-normalised per token and flattened over the positions, each layer scaled t
 (:func:`trunk_features`); or the decoded images, average-pooled (:func:`pixel_features`), the student's through the
 tokenizer's differentiable decode of its code probabilities. The trunk and the tokenizer are frozen; the gradient
 reaches the student only through its (soft or straight-through) embeddings or probabilities.
+
+:class:`CoverageTerm` is the term of the generator loss (docs/method.md#soft-dimo), on the generator update's draw.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from dimo_lightning.core.soft_embedding import soft_probabilities
+from dimo_lightning.objectives.context import DrawTerm, IterationContext, StudentDraw
+from dimo_lightning.objectives.gan import TeacherDiscriminator, default_head_layers, feature_trunk, trunk_in_eval
 
 
 def trunk_features(trunk: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor,
@@ -167,3 +176,101 @@ def bank_rows(total: int, size: int, seed: int = 0) -> torch.Tensor:
         raise ValueError(f"gan.coverage_bank must be >= 1 (0 turns the bank off), got {size}")
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(total, generator=generator)[:size].sort().values
+
+
+class CoverageTerm(DrawTerm):
+    """The coverage term of the generator loss: the energy distance, per condition group, between the features of the
+    student's draw (rows not ``draw.valid`` left out) and those of the micro-batch's real codes (or of a fixed real
+    bank, :meth:`build_bank`). ``loss(ctx, part, draw) -> (differentiable loss, {"coverage": full detached
+    estimate})``, unweighted.
+
+    Args:
+        teacher: the frozen teacher (its network is the trunk; its tokenizer decodes for ``pixels``).
+        space: ``trunk`` or ``pixels`` (needs a teacher with ``decode_soft``).
+        layers: trunk layers of the features (None: ``num_layers`` evenly spaced); unused for ``pixels``.
+        num_layers: see ``layers``.
+        fake_input: the student's side: ``soft`` or ``straight_through`` (the sampled tokens in the forward pass).
+        temperature: the soft side is ``softmax(z / temperature)``.
+        pixel_pool: average-pooling window of the pixel space.
+    """
+
+    def __init__(self, teacher: Any, *, space: str = "trunk", layers: Sequence[int] | None = None,
+                 num_layers: int = 3, fake_input: str = "soft", temperature: float = 1.0,
+                 pixel_pool: int = 1) -> None:
+        self.teacher = teacher
+        self.space = space
+        self.fake_input = fake_input
+        self.temperature = temperature
+        self.pixel_pool = pixel_pool
+        self.real_bank: RealFeatureBank | None = None
+        self.layers: tuple[int, ...] = ()
+        if space == "pixels":
+            if not callable(getattr(teacher, "decode_soft", None)):
+                raise ValueError(f"gan.coverage_space pixels needs a teacher with a differentiable decode "
+                                 f"(decode_soft); {type(teacher).__name__} has none: use coverage_space trunk")
+        else:
+            trunk = feature_trunk(teacher, "gan.coverage_weight > 0")
+            self.layers = tuple(layers) if layers else default_head_layers(len(trunk.transformer.layers),
+                                                                           num_layers)
+
+    def loss(self, ctx: IterationContext, part: int,
+             draw: StudentDraw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cond, trunk = ctx.conditions[part], self.teacher.network
+        keep = draw.valid.bool()
+        z = draw.z / self.temperature if self.temperature != 1 else draw.z
+        tokens = draw.x if self.fake_input == "straight_through" else None
+        groups = group_ids(cond, z.shape[0])
+        fake_cond = cond[keep] if groups is not None else cond
+        fake_groups = groups[keep] if groups is not None else None
+        fake_tokens = tokens[keep] if tokens is not None else None
+        with trunk_in_eval(trunk):
+            if self.space == "pixels":
+                fake_features = self.pixel_features(z[keep], fake_tokens)
+            else:
+                fake = TeacherDiscriminator.student_embeddings(trunk, z[keep], fake_tokens)
+                fake_features = trunk_features(trunk, fake, fake_cond, self.layers)
+            if self.real_bank is not None and fake_groups is not None:
+                loss, value = conditional_energy_distance(fake_features, self.real_bank.features, fake_groups,
+                                                          self.real_bank.labels, real_within=self.real_bank.within)
+                return loss, {"coverage": value}
+            real_features = self.real_features(ctx.real[part], cond)
+        loss, value = conditional_energy_distance(fake_features, real_features, fake_groups, groups)
+        return loss, {"coverage": value}
+
+    def pixel_features(self, z: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Pixel-space features of (tempered) student logits z (B, N, V): the tokenizer's differentiable decode of
+        ``softmax(z[..., :K])``, or with ``tokens`` (B, N) the straight-through probabilities
+        ``one_hot(tokens) + p - sg(p)``, pooled (:func:`pixel_features`)."""
+        k = self.teacher.codebook_size
+        probs = soft_probabilities(z, k)
+        if tokens is not None:
+            probs = F.one_hot(tokens.long(), k).to(probs.dtype) + probs - probs.detach()
+        return pixel_features(self.teacher.decode_soft(probs), self.pixel_pool)
+
+    @torch.no_grad()
+    def real_features(self, codes: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Features of real codes (B, N) of conditions ``cond``, in this term's space."""
+        if self.space == "pixels":
+            return pixel_features(self.teacher.decode(codes.reshape(codes.shape[0], -1)), self.pixel_pool)
+        trunk = self.teacher.network
+        return trunk_features(trunk, TeacherDiscriminator.real_embeddings(trunk, codes), cond, self.layers)
+
+    def build_bank(self, datamodule: Any, size: int, seed: int, device: torch.device) -> RealFeatureBank:
+        """Fill :attr:`real_bank` with the features of ``size`` real sequences of the DataModule's codes, drawn with
+        ``seed`` (the same bank on every rank and after a resume)."""
+        if not callable(getattr(datamodule, "load", None)):
+            raise ValueError("gan.coverage_bank > 0 needs a RealCodesDataModule (its codes fill the bank)")
+        data = datamodule.load()
+        rows = bank_rows(len(data), size, seed).numpy()
+        codes = torch.as_tensor(np.asarray(data.codes[rows]))
+        labels = torch.as_tensor(np.asarray(data.labels[rows])).long()
+        num_classes = int(getattr(self.teacher, "num_classes", int(labels.max()) + 1))
+        with trunk_in_eval(self.teacher.network):
+            features = torch.cat([
+                self.real_features(chunk.to(device).long(), chunk_labels.to(device))
+                for chunk, chunk_labels in zip(codes.split(256), labels.split(256), strict=True)
+            ])
+        self.real_bank = RealFeatureBank(features, labels.to(device), num_classes)
+        megabytes = features.numel() * features.element_size() / 2**20
+        rank_zero_info(f"coverage bank: {len(rows)} real sequences, {megabytes:.0f} MB of features")
+        return self.real_bank

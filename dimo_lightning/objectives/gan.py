@@ -19,12 +19,16 @@ Design (choices the paper leaves open are marked *ours*):
 * **Losses**: generator non-saturating ``-log sigmoid(D(fake)) = softplus(-D(fake))``; discriminator binary
   cross-entropy ``softplus(-D(real)) + softplus(D(fake))`` (batch means, summed; *ours*, the paper does not
   publish its discriminator loss). Both in the softplus form, which is exact and overflow-free.
+
+The iteration's objectives (docs/method.md#soft-dimo): :class:`GANGeneratorTerm` (``L_gan`` of the generator
+update's student draw) and :class:`DiscriminatorUpdate` (the heads' loss, the third optimizer).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,7 @@ from torch import nn
 
 from dimo_lightning.core.masking import random_positions_mask
 from dimo_lightning.core.soft_embedding import soft_embedding
+from dimo_lightning.objectives.context import DrawTerm, IterationContext, Objective, StudentDraw
 
 
 # ---- pure functions ------------------------------------------------------------------------------------------------
@@ -299,3 +304,81 @@ class TeacherDiscriminator(nn.Module):
             "logit_fake": fake_logits.detach().mean(),
             "accuracy": accuracy,
         }
+
+
+# ---- the objectives of an iteration -------------------------------------------------------------------------------
+def feature_trunk(teacher, flag: str) -> nn.Module:
+    """The teacher's network as the frozen feature trunk of the heads and the coverage term; a ``ValueError``
+    naming ``flag`` when it has no ``forward_features``."""
+    trunk = teacher.network
+    if not callable(getattr(trunk, "forward_features", None)):
+        raise ValueError(
+            f"{flag} needs a teacher network with forward_features (a MaskTransformer) as the frozen feature "
+            f"trunk; {type(teacher).__name__}'s network is a {type(trunk).__name__}"
+        )
+    return trunk
+
+
+@contextmanager
+def trunk_in_eval(trunk: nn.Module) -> Iterator[None]:
+    """The trunk in eval mode for the block: the discriminator's and the coverage term's features are deterministic
+    (no dropout) whatever ``targets.teacher_eval`` says of the targets."""
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        yield
+    finally:
+        trunk.train(was_training)
+
+
+def build_discriminator(trunk: nn.Module, seed: int, num_layers: int, **kwargs) -> TeacherDiscriminator:
+    """Heads for ``trunk`` whose initial weights are a function of ``seed``, not of whatever drew from the global RNG
+    before (so a run and its resumed copy, built in any order, agree); ``kwargs`` as :class:`TeacherDiscriminator`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TeacherDiscriminator.for_trunk(trunk, num_layers, **kwargs)
+
+
+class GANGeneratorTerm(DrawTerm):
+    """``L_gan`` (non-saturating) of the generator update's student draw, through the soft (or straight-through)
+    embedding path; rows not ``draw.valid`` are left out. ``loss(ctx, part, draw) -> (L_gan, {})``, unweighted.
+
+    Args:
+        discriminator: the heads.
+        fake_input: ``soft`` or ``straight_through`` (the sampled tokens in the forward pass).
+    """
+
+    def __init__(self, discriminator: TeacherDiscriminator, fake_input: str = "soft") -> None:
+        self.discriminator = discriminator
+        self.fake_input = fake_input
+
+    def loss(self, ctx: IterationContext, part: int, draw: StudentDraw) -> tuple[torch.Tensor, dict]:
+        tokens = draw.x if self.fake_input == "straight_through" else None
+        trunk = ctx.teacher.network
+        with trunk_in_eval(trunk):
+            return self.discriminator.generator_loss(trunk, draw.z, ctx.conditions[part], ctx.generator,
+                                                     row_weight=draw.valid, tokens=tokens), {}
+
+
+class DiscriminatorUpdate(Objective):
+    """The heads' loss of one micro-batch: its real codes vs the student's (detached) draw of the generator update (a
+    fresh no-grad student sample when the generator did not step).
+
+    Args:
+        discriminator: the heads.
+        fake_input: ``soft`` or ``straight_through`` (the fake side is the sampled tokens' table rows).
+
+    Logs (per micro-batch): ``logit_real``, ``logit_fake``, ``accuracy`` (at threshold 0).
+    """
+
+    def __init__(self, discriminator: TeacherDiscriminator, fake_input: str = "soft") -> None:
+        self.discriminator = discriminator
+        self.fake_input = fake_input
+
+    def loss(self, ctx: IterationContext, part: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cond, trunk = ctx.conditions[part], ctx.teacher.network
+        with trunk_in_eval(trunk):
+            x, z = ctx.sample_for(part, reuse=True)
+            tokens = x if self.fake_input == "straight_through" else None
+            return self.discriminator.discriminator_loss(trunk, ctx.real[part], cond, z, cond, ctx.generator,
+                                                         tokens=tokens)

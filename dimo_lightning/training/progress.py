@@ -14,9 +14,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
+from dimo_lightning.training.settings import DiMOSettings
+
 
 def counts_generator_steps(pl_module: pl.LightningModule) -> bool:
-    return hasattr(pl_module, "generator_step") and "max_generator_steps" in getattr(pl_module, "hparams", {})
+    return hasattr(pl_module, "generator_step") and isinstance(getattr(pl_module, "settings", None), DiMOSettings)
 
 
 class GeneratorStepProgressBar(TQDMProgressBar):
@@ -41,7 +43,7 @@ class GeneratorStepProgressBar(TQDMProgressBar):
         self._counting = counts_generator_steps(pl_module)
         if self._counting:
             bar = self.train_progress_bar
-            bar.reset(total=int(pl_module.hparams.max_generator_steps))
+            bar.reset(total=int(pl_module.settings.optim.max_generator_steps))
             bar.set_description("generator step")
             self._show(pl_module.generator_step)  # a resumed run starts where it stopped
 

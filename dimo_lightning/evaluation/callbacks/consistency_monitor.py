@@ -79,7 +79,7 @@ class ConsistencyMonitor(Callback):
         student = pl_module.student
         # x is drawn at the student's training temperature, from its K codes (never the mask slot); the distributions
         # compared are at temperature 1.
-        sampling = TokenSampling(pl_module.hparams.student_temperature,
+        sampling = TokenSampling(pl_module.settings.student.temperature,
                                  exclude=tuple(range(teacher.codebook_size, teacher.logit_width)))
         was_training = student.training
         student.eval()  # deterministic measurement: no dropout

@@ -36,9 +36,9 @@ class EvaluationReport(Callback):
     Args:
         num_samples: samples per row (conditions from the DataModule, else balanced labels; seeded).
         teacher_steps: step counts of the teacher rows.
-        teacher_cfg_scale: override of the teacher's CFG at sampling (None: the module's ``teacher_sampling``).
+        teacher_cfg_scale: override of the teacher's CFG at sampling (None: the module's ``sampling.teacher``).
         teacher_choice_temperature: override of the Gumbel temperature of the teacher's MaskGIT decoder (None: the
-            module's ``teacher_sampling.choice_temperature``, the value ``dimo predict`` uses too).
+            module's ``sampling.teacher.choice_temperature``, the value ``dimo predict`` uses too).
         reference: a ``dimo stats`` file, or real images (``mnist-val``, ``mnist-all``, an ``.npz``, a folder).
         extractor: torch-fidelity feature extractor (``mnist-cnn``, ``inception-local``).
         weights_path: local weights file of the extractor (Inception).
@@ -111,8 +111,8 @@ class EvaluationReport(Callback):
         """Every rank: sample its share of each row, gather features, score; rank zero writes the report."""
         directory = run_directory(trainer)  # a collective (log_dir broadcasts): every rank, before any branch
         teacher = pl_module.teacher
-        # One home for the teacher's decoding settings: the module's teacher_sampling, unless overridden here.
-        settings = pl_module.teacher_sampling.sample_kwargs(pl_module.hparams.teacher_cfg_scale)
+        # One home for the teacher's decoding settings: the module's sampling.teacher, unless overridden here.
+        settings = pl_module.settings.teacher_sample_kwargs()
         if self.teacher_cfg_scale is not None:
             settings["cfg_scale"] = self.teacher_cfg_scale
         if self.teacher_choice_temperature is not None:

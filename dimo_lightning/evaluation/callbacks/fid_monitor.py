@@ -55,7 +55,7 @@ class FIDMonitor(Callback):
         accuracy_network: ``mnist-cnn`` or null.
         batch_size: sampling, decoding and feature batch size per rank.
         seed: seed of the samples (fixed across evaluations, so curves compare like with like).
-        temperature: sampling temperature (None: the module's ``sample_temperature``).
+        temperature: sampling temperature (None: the module's ``sampling.temperature``).
         second_extractor: a second feature space (e.g. ``mnist-dae``) on the same samples against the same
             reference: logs ``val/fid2``, ``val/precision2``, ``val/recall2``. None: off.
         second_weights_path: local weights of the second extractor.
@@ -152,7 +152,7 @@ class FIDMonitor(Callback):
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = pl_module.generator_step
-        due = step % self.every == 0 or step >= pl_module.hparams.max_generator_steps
+        due = step % self.every == 0 or step >= pl_module.settings.optim.max_generator_steps
         if step == 0 or step == self._last_step or not due:
             return
         self._last_step = step
