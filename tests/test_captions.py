@@ -145,5 +145,5 @@ def test_prompt_datamodule_defaults_to_the_captioned_mnist_generators():
     dm = PromptDataModule(batch_size=4, batches_per_epoch=1)
     assert len(dm.prompts("train")) == 16_000
     assert dm.evaluation_conditions(20) == eval_prompts()[:20]
-    batch = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader())).conditions
     assert len(batch) == 4 and all(parse_prompt(p).digit is not None for p in batch)

@@ -57,7 +57,8 @@ class SamplingDefaults:
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any], emb_noise_scale: float) -> SamplingDefaults:
-        """The evaluation sampling settings of a checkpoint written before the settings groups, from its flat hyperparameters:
+        """The evaluation sampling settings of a checkpoint written before the settings groups, from its flat
+        hyperparameters:
         ``sample_r_init`` (None: the midpoint of ``r_init``), ``sample_emb_noise_sigma`` (None: ``emb_noise_sigma``),
         ``sample_temperature``, ``student_top_k`` and ``student_top_p``."""
         low, high = parse_range(hparams.get("r_init", 0.6), "r_init")

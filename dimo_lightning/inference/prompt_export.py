@@ -139,7 +139,7 @@ def export_prompt_conditioning(record: Mapping[str, Any], network: Mapping[str, 
         "text_encoder_class": source["class_path"],
         "text_tokenizer": TEXT_TOKENIZER_DIR,
         "max_length": int(max_length),
-        "hidden_states": "penultimate",  # hidden_states[-2], no final LayerNorm (spec section 6)
+        "hidden_states": "penultimate",  # hidden_states[-2], no final LayerNorm, as Meissonic conditions on
         "pooled": "text_embeds",
         "micro_conds": record.get("micro_conds"),
         "timestep": float(record.get("timestep", 0.0)),

@@ -1,5 +1,6 @@
-"""The consistency diagnostic (spec section 2.9): how far the student's prediction on a re-masked sample is from its
-one-step prediction on the initial sequence, at the re-masked positions, binned by mask ratio.
+"""The consistency diagnostic (docs/method.md#consistency-diagnostic): how far the student's prediction on a
+re-masked sample is from its one-step prediction on the initial sequence, at the re-masked positions, binned by
+mask ratio.
 
 Di[M]O applies the divergence gradient computed at x_t (teacher and aux conditionals on a re-masked student
 sample) to the student's logits on x_init. That is exact only if the student's own prediction on x_t equals its

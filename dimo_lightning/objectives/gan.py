@@ -2,8 +2,8 @@
 
 Design (choices the paper leaves open are marked *ours*):
 
-* **Trunk**: the frozen teacher network (a :class:`~dimo_lightning.nn.MaskTransformer`), run on embedding
-  sequences through :meth:`~dimo_lightning.nn.MaskTransformer.forward_features`. It is *not* a submodule of
+* **Trunk**: the frozen teacher network (a :class:`~dimo_lightning.nn.transformer.MaskTransformer`), run on embedding
+  sequences through :meth:`~dimo_lightning.nn.transformer.MaskTransformer.forward_features`. It is *not* a submodule of
   :class:`TeacherDiscriminator`: the caller passes it in, so the teacher's weights never enter the discriminator's
   state dict, optimizer or checkpoint, and a trunk with trainable parameters is refused.
 * **Inputs**: real sequences are the token table's rows of real codes, ``tok_emb(codes)``; fake sequences are soft

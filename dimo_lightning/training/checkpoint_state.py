@@ -7,7 +7,7 @@
   record (:func:`save_state`, :func:`restore_state`).
 * ``run.student_init``: the student / aux / EMA weights of a trained Di[M]O checkpoint (:func:`load_student_init`).
 * Checkpoints written before the settings groups (flat hyperparameters such as ``aux_rounds``, the class path
-  ``dimo_lightning.module.DiMOModule``): :func:`migrate_hparams` maps them through
+  of the DiMOModule in its former top-level ``module`` file): :func:`migrate_hparams` maps them through
   :data:`~dimo_lightning.training.settings.LEGACY_KEYS`, so ``load_from_checkpoint`` rebuilds them
   (:func:`migrated_checkpoint`), ``--ckpt_path`` resumes them and ``dimo export`` exports them.
 """
