@@ -86,7 +86,7 @@ def test_reloaded_without_lightning_gives_the_ema_students_logits(trained, tmp_p
     reloaded = load_file(str(result))
     cond = module.teacher.encode_condition(PROMPTS)
     assert cond.micro_conds is not None  # the teacher's micro-conditions reach the student, and must be exported
-    sigma = module.hparams.emb_noise_sigma
+    sigma = module.settings.student.emb_noise_sigma
     for seed in (0, 1):
         expected = module.student_logits(ema, cond, 0.6, sigma, torch.Generator().manual_seed(seed))
         torch.testing.assert_close(reloaded[f"logits{seed}"], expected, rtol=0, atol=1e-6)

@@ -27,8 +27,12 @@ LABELS = torch.tensor([0, 3, 9, 9, 1])
 
 
 def _module(teacher, **kwargs) -> DiMOModule:
-    return DiMOModule(teacher, r_init=[0.4, 0.8], sample_temperature=0.8, student_top_k=12, train_dropout=False,
-                      seed=0, **kwargs)
+    groups = {"student": {"r_init": [0.4, 0.8], "top_k": 12}, "sampling": {"temperature": 0.8},
+              "optim": {"train_dropout": False}, "run": {"seed": 0}}
+    for key, value in kwargs.items():  # "group__field" overrides
+        group, field = key.split("__")
+        groups.setdefault(group, {})[field] = value
+    return DiMOModule(teacher, **groups)
 
 
 def _perturbed(network: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -60,7 +64,7 @@ def test_sampling_defaults_come_from_the_module_settings(tiny_teacher):
     assert defaults.r_init == pytest.approx(0.6)  # the midpoint of [0.4, 0.8]
     assert defaults == SamplingDefaults(r_init=defaults.r_init, emb_noise_sigma=0.1, emb_noise_scale=1.0,
                                         temperature=0.8, top_k=12, top_p=0.0)
-    overridden = _module(tiny_teacher, sample_r_init=0.3, sample_emb_noise_sigma=0.2).sampling_defaults()
+    overridden = _module(tiny_teacher, sampling__r_init=0.3, sampling__emb_noise_sigma=0.2).sampling_defaults()
     assert (overridden.r_init, overridden.emb_noise_sigma) == (0.3, 0.2)
     assert SamplingDefaults.from_dict({**overridden.to_dict(), "unknown": 1}) == overridden
 
@@ -98,7 +102,7 @@ def test_pipeline_from_the_teacher_samples_as_generate(tiny_teacher):
 def test_predict_and_the_evaluation_sample_through_the_pipeline(tiny_teacher):
     """`dimo predict` and the evaluation callbacks (FID monitor, report, grid) draw what generate draws for the
     (EMA) student: the same numbers as before the pipeline."""
-    module = _module(tiny_teacher, predict_seed=4)
+    module = _module(tiny_teacher, sampling__predict_seed=4)
     module.add_module("student_ema", _perturbed(module.student, 2))  # as load_from_checkpoint keeps an average
     network = evaluation_student(module)
     assert network is module.student_ema
@@ -123,7 +127,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipeline")
     weights, codebook = save_tiny_mnist_teacher(root / "teacher")
-    module = _module(MNISTTeacher(str(weights), str(codebook)), max_generator_steps=2)
+    module = _module(MNISTTeacher(str(weights), str(codebook)), optim__max_generator_steps=2)
     ema = StudentEMA(decay=0.5)
     trainer = pl.Trainer(default_root_dir=root, accelerator="cpu", devices=1, max_epochs=-1, logger=False,
                          num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,

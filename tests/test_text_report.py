@@ -256,7 +256,7 @@ def test_report_numbers_equal_a_direct_computation(text_teacher, text_files, tmp
     report = TextEvaluationReport(num_samples=8, teacher_steps=[1, 3], batch_size=3, judge=text_files.judge,
                                   copy_reference=text_files.corpus, copy_n=3, reference_text=text_files.held_out,
                                   subset_size=6, num_text_samples=3, prompts=text_files.prompts)
-    module = DiMOModule(text_teacher, seed=0, emb_noise_sigma=0.2)
+    module = DiMOModule(text_teacher, run={"seed": 0}, student={"emb_noise_sigma": 0.2})
     text_trainer(tmp_path, [report]).validate(module, index_loader(4))
     run_dir = tmp_path / "run" / "version_0"
     payload = json.loads((run_dir / "eval.json").read_text())
@@ -339,7 +339,7 @@ def test_monitor_and_report_during_fit(text_teacher, text_files, tmp_path):
     monitor = TextMonitor(every_n_generator_steps=1, num_samples=6, batch_size=3, judge=text_files.judge,
                           subset_size=4, num_text_samples=2)
     report = TextEvaluationReport(num_samples=4, teacher_steps=[2], batch_size=4)
-    module = DiMOModule(text_teacher, max_generator_steps=2, seed=0, teacher_cfg_scale=1.0)
+    module = DiMOModule(text_teacher, optim={"max_generator_steps": 2}, run={"seed": 0}, targets={"cfg_scale": 1.0})
     trainer = text_trainer(tmp_path, [monitor, report], max_epochs=-1, log_every_n_steps=1)
     trainer.fit(module, index_loader(64))
     assert monitor.evaluations == 2
@@ -356,7 +356,7 @@ def test_monitor_and_report_during_fit(text_teacher, text_files, tmp_path):
 
 
 def test_teacher_sampling_overrides_are_checked(text_teacher):
-    module = DiMOModule(text_teacher, seed=0)
+    module = DiMOModule(text_teacher, run={"seed": 0})
     assert teacher_sample_settings(module, {"softmax_temperature": 0.7}) == {"softmax_temperature": 0.7}
     with pytest.raises(ValueError, match="takes no choice_temperature"):
         teacher_sample_settings(module, {"choice_temperature": 3.0}, "TextEvaluationReport.teacher_sampling")
@@ -424,7 +424,7 @@ def test_jsonl_shards_hold_every_index_once(text_teacher, tmp_path):
 def test_text_student_export_load_and_sample(text_teacher, text_files, tmp_path, capsys):
     from dimo_lightning.commands.sample import sample_command
 
-    module = DiMOModule(text_teacher, seed=0, emb_noise_sigma=0.3)
+    module = DiMOModule(text_teacher, run={"seed": 0}, student={"emb_noise_sigma": 0.3})
     with torch.no_grad():  # a student that differs from the teacher
         for p in module.student.parameters():
             p.add_(0.05 * torch.randn_like(p))

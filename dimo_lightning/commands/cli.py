@@ -259,19 +259,13 @@ def _flag_for(err: BaseException, message: str, cli_config: Any) -> str | None:
     ]
     if quoted:
         return min(quoted)[1]  # the value the message names first is the one it is about
-    # "student.r_init must be ..." or "sampling.teacher.schedule must be ...": the message starts with its field
-    first = re.match(r"[A-Za-z_][\w.]*", message)
-    if first:
-        for key, _ in items:
-            if key.endswith(f".{first.group(0)}") and not key.endswith("class_path"):
-                return f"--{key}"
     failing = _failing_class(err)
     owner = None  # the config key of the class that raised, e.g. "data"
     if failing is not None:
         wanted = f"{failing.__module__}.{failing.__qualname__}"
         owner = next((key.removesuffix(".class_path") for key, value in items
                       if key.endswith("class_path") and value == wanted), None)
-    # "r_init must be ..." or "teacher_sampling.schedule must be ...": the message starts with the argument's name,
+    # "batch_size must be ..." or "student.r_init must be ...": the message starts with the argument's name,
     # looked up first among the raising class's own arguments ("batch_size" of the DataModule, not of a callback)
     first = re.match(r"[A-Za-z_][\w.]*", message)
     if first:
