@@ -58,3 +58,113 @@ def test_remask_of_an_image_sample_is_the_plain_remask(tiny_teacher):
     plain = remask(codes, "cosine", tiny_teacher.mask_id, gen(5), [0.1, 0.9])
     for a, b in zip(ours, plain):
         assert torch.equal(a, b)
+
+
+# ---- `dimo fit` / predict / export through the CLI ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def judge(folders, tmp_path_factory):
+    """A random 1-layer GPT-2 over the tiny GPT-2-style tokenizer (the judge of the text metrics)."""
+    from fixtures.text_layouts import save_gpt2_style_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("judge")
+    tokenizer = save_gpt2_style_tokenizer(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return str(folder)
+
+
+def teacher_entry(name: str, folders) -> dict:
+    if name == "mdlm":
+        mdlm, gpt2 = folders["mdlm"]
+        return {"class_path": "dimo_lightning.teachers.mdlm.MDLMTeacher",
+                "init_args": {"checkpoint": str(mdlm), "tokenizer": str(gpt2)}}
+    return {"class_path": "dimo_lightning.teachers.llada.LLaDATeacher",
+            "init_args": {"checkpoint": str(folders["llada"]), "seq_len": 16, "block_length": 8, "dtype": "float32"}}
+
+
+def fit_config(name: str, prompted: bool, folders, judge: str, root, steps: int = 2) -> dict:
+    """A tiny `dimo fit` config: the teacher, a few generator steps, TextMonitor + TextEvaluationReport."""
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(p for p in PROMPTS if p) + "\n")
+    data = ({"class_path": "dimo_lightning.data.prompts.PromptDataModule",
+             "init_args": {"train_prompts": str(prompts), "eval_prompts": str(prompts), "batch_size": 2,
+                           "batches_per_epoch": 3, "predict_samples": 3}} if prompted else
+            {"class_path": "dimo_lightning.data.text.UnconditionalTextDataModule",
+             "init_args": {"batch_size": 2, "batches_per_epoch": 3, "predict_samples": 3}})
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": -1, "num_sanity_val_steps": 0,
+            "enable_progress_bar": False, "log_every_n_steps": 1,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(root / "runs"), "name": "text"}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"filename": "last", "save_top_k": 1, "enable_version_counter": False}},
+                {"class_path": "dimo_lightning.evaluation.callbacks.text_monitor.TextMonitor",
+                 "init_args": {"every_n_generator_steps": 1, "num_samples": 4, "batch_size": 2, "judge": judge,
+                               "num_text_samples": 2, "subset_size": 4}},
+                {"class_path": "dimo_lightning.evaluation.callbacks.text_evaluation_report.TextEvaluationReport",
+                 "init_args": {"num_samples": 4, "teacher_steps": [2], "batch_size": 2, "judge": judge,
+                               "num_text_samples": 2, "subset_size": 4}},
+                {"class_path": "dimo_lightning.inference.text_writer.TextSampleWriter",
+                 "init_args": {"output_dir": str(root / "predictions")}},
+            ],
+        },
+        "model": {
+            "class_path": "dimo_lightning.training.module.DiMOModule",
+            "init_args": {
+                "teacher": teacher_entry(name, folders),
+                "student": {"r_init": 0.6, "emb_noise_sigma": 0.1, "emb_noise_relative": True},
+                "targets": {"cfg_scale": 1.0 if not prompted else 2.0, "mask_schedule": "cosine"},
+                "aux": {"sample": "reuse"},
+                "optim": {"max_generator_steps": steps, "train_dropout": False},
+                "sampling": {"teacher": {"steps": 2}},
+            },
+        },
+        "data": data,
+    }
+
+
+def run_fit(config: dict, root) -> str:
+    import yaml
+
+    from dimo_lightning.commands.cli import main
+
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    return str(path)
+
+
+@pytest.mark.parametrize("name,prompted", [("mdlm", False), ("mdlm", True), ("llada", False), ("llada", True)])
+def test_dimo_fit_predict_and_export_a_text_student(name, prompted, folders, judge, tmp_path, monkeypatch):
+    import json
+
+    from dimo_lightning.commands.cli import main
+    from dimo_lightning.inference.export import load_student
+
+    monkeypatch.chdir(tmp_path)
+    config = run_fit(fit_config(name, prompted, folders, judge, tmp_path), tmp_path)
+    version = tmp_path / "runs/text/version_0"
+    ckpt = version / "checkpoints/last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["dimo"]["generator_step"] == 2
+    report = json.loads(next(version.rglob("*.json")).read_text()) if list(version.rglob("*.json")) else None
+    assert report is not None
+
+    main(["predict", "--config", config, "--ckpt_path", str(ckpt)])
+    lines = [json.loads(line) for f in sorted((tmp_path / "predictions").glob("texts_*.jsonl"))
+             for line in f.read_text().splitlines()]
+    assert [r["index"] for r in lines] == [0, 1, 2] and all(isinstance(r["text"], str) for r in lines)
+    if prompted:
+        assert [r["prompt"] for r in lines] == [p for p in PROMPTS if p] + [PROMPTS[0]]
+
+    main(["export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "exported")])
+    pipeline = load_student(str(tmp_path / "exported"))
+    texts = pipeline(["Hello world!"] if prompted else 2, seed=0)
+    assert all(isinstance(t, str) for t in texts)
+    if prompted:
+        assert texts[0].startswith("Hello world!")
