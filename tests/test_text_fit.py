@@ -25,7 +25,7 @@ def folders(tmp_path_factory):
 def teachers(folders):
     mdlm, gpt2 = folders["mdlm"]
     return {"mdlm": MDLMTeacher(str(mdlm), tokenizer=str(gpt2)),
-            "llada": LLaDATeacher(str(folders["llada"]), seq_len=16, block_length=4)}
+            "llada": LLaDATeacher(str(folders["llada"]), seq_len=16, block_length=8)}
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -47,6 +47,11 @@ def test_student_draws_and_remasks_keep_the_prompt(teachers, name):
     assert not (mask & cond.fixed).any()  # ... and never in the loss
     assert torch.equal(x_t[mask], torch.full_like(x_t[mask], teacher.mask_id))
     assert torch.equal(x_t[~mask], x[~mask]) and ratio.shape == (3,)
+    assert all(isinstance(t, str) for t in teacher.decode_text(x))
+    pairs = teacher.split_text(x, cond)
+    assert [p for p, _ in pairs][2] == ""
+    sampled = teacher.sample(cond, steps=2, generator=gen(2))  # the teacher's own decoding keeps the prompt too
+    assert torch.equal(sampled[cond.fixed], cond.tokens[cond.fixed]) and int(sampled.max()) < teacher.mask_id
 
 
 def test_remask_of_an_image_sample_is_the_plain_remask(tiny_teacher):
@@ -58,6 +63,38 @@ def test_remask_of_an_image_sample_is_the_plain_remask(tiny_teacher):
     plain = remask(codes, "cosine", tiny_teacher.mask_id, gen(5), [0.1, 0.9])
     for a, b in zip(ours, plain):
         assert torch.equal(a, b)
+
+
+# ---- DataModules ----------------------------------------------------------------------------------------------------
+def test_unconditional_text_data_is_resumable_and_encodes_to_unprompted_rows(teachers):
+    from dimo_lightning.data.text import UnconditionalTextDataModule
+
+    data = UnconditionalTextDataModule(batch_size=3, batches_per_epoch=4, predict_samples=5)
+    loader = data.train_dataloader()
+    batches = [b.conditions for b in loader]
+    assert [b.tolist() for b in batches[:2]] == [[0, 1, 2], [3, 4, 5]]
+    state = loader.state_dict()
+    resumed = UnconditionalTextDataModule(batch_size=3, batches_per_epoch=4).train_dataloader()
+    resumed.load_state_dict(state)
+    assert next(iter(resumed)).conditions.tolist() == [12, 13, 14]  # the batch after the last one trained on
+    cond = teachers["mdlm"].encode_condition(batches[0])
+    assert isinstance(cond, PrefixCondition) and cond.batch_size == 3 and not cond.fixed.any()
+    assert data.evaluation_conditions(4).tolist() == [0, 1, 2, 3]
+    predict = list(data.predict_dataloader())
+    assert [b["index"].tolist() for b in predict] == [[0, 1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("name", ["mdlm", "llada"])
+def test_prompt_data_encodes_with_a_sequence_teacher(teachers, name, tmp_path):
+    from dimo_lightning.data.prompts import PromptDataModule
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(p for p in PROMPTS if p) + "\n")
+    data = PromptDataModule(train_prompts=str(path), eval_prompts=str(path), batch_size=2, batches_per_epoch=1)
+    batch = next(iter(data.train_dataloader()))
+    cond = teachers[name].encode_condition(batch.conditions)
+    assert cond.batch_size == 2 and cond.fixed.any(dim=1).all()
+    assert teachers[name].encode_condition(data.evaluation_conditions(3)).batch_size == 3
 
 
 # ---- `dimo fit` / predict / export through the CLI ------------------------------------------------------------------
@@ -152,8 +189,10 @@ def test_dimo_fit_predict_and_export_a_text_student(name, prompted, folders, jud
     version = tmp_path / "runs/text/version_0"
     ckpt = version / "checkpoints/last.ckpt"
     assert torch.load(ckpt, weights_only=False)["dimo"]["generator_step"] == 2
-    report = json.loads(next(version.rglob("*.json")).read_text()) if list(version.rglob("*.json")) else None
-    assert report is not None
+    report = json.loads((version / "eval.json").read_text())  # TextEvaluationReport at the end of fit
+    assert [r["model"] for r in report["rows"]] == ["teacher", "student"]
+    assert all(r["gen_ppl"] > 0 and r["entropy"] > 0 for r in report["rows"])
+    assert (version / "samples_student_1.txt").read_text().strip()
 
     main(["predict", "--config", config, "--ckpt_path", str(ckpt)])
     lines = [json.loads(line) for f in sorted((tmp_path / "predictions").glob("texts_*.jsonl"))
@@ -168,3 +207,6 @@ def test_dimo_fit_predict_and_export_a_text_student(name, prompted, folders, jud
     assert all(isinstance(t, str) for t in texts)
     if prompted:
         assert texts[0].startswith("Hello world!")
+        cond = pipeline.prepare(PROMPTS[:2])
+        codes = pipeline.sample_codes(cond=cond, generator=gen())
+        assert torch.equal(codes[cond.fixed], cond.tokens[cond.fixed])  # the student never changes the prompt
