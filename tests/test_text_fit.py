@@ -210,3 +210,12 @@ def test_dimo_fit_predict_and_export_a_text_student(name, prompted, folders, jud
         cond = pipeline.prepare(PROMPTS[:2])
         codes = pipeline.sample_codes(cond=cond, generator=gen())
         assert torch.equal(codes[cond.fixed], cond.tokens[cond.fixed])  # the student never changes the prompt
+
+
+def test_fsdp_shards_each_text_block_as_a_unit(teachers):
+    from dimo_lightning.training.distributed import shard_units
+
+    for teacher in teachers.values():
+        network = teacher.network
+        blocks = network.blocks if hasattr(network, "blocks") else network.backbone.blocks
+        assert shard_units(network) == list(blocks) and len(blocks) == 2
