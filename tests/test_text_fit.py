@@ -219,3 +219,23 @@ def test_fsdp_shards_each_text_block_as_a_unit(teachers):
         network = teacher.network
         blocks = network.blocks if hasattr(network, "blocks") else network.backbone.blocks
         assert shard_units(network) == list(blocks) and len(blocks) == 2
+
+
+# ---- configs --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", ["mdlm_owt.yaml", "llada.yaml"])
+def test_text_configs_print(config, capsys):
+    """The released-teacher configs parse (their weight folders need not exist: --print_config builds nothing)."""
+    from pathlib import Path
+
+    import yaml
+
+    from dimo_lightning.commands.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "configs" / config
+    with pytest.raises(SystemExit) as excinfo:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert excinfo.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    teacher = printed["model"]["init_args"]["teacher"]
+    assert teacher["class_path"].rsplit(".", 1)[1] in ("MDLMTeacher", "LLaDATeacher")
+    assert printed["model"]["init_args"]["targets"]["cfg_scale"] == 1
