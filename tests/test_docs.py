@@ -35,7 +35,7 @@ ANCHORED = re.compile(r"(?<![\w/.-])((?:docs/[\w./-]+|README)\.md)#([\w-]+)")
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 # How a page or a comment must not speak: of how it was made, or citing documents that are not in the repository.
 NOTEBOOK = re.compile(r"\bsessions?\b|\bissues?\s*#?\d+|\bengineers?\b|\bthe lead\b", re.IGNORECASE)
-OUTSIDE_DOCS = re.compile(r"dimo-spec\.md|design\.md|calibration\.md|teachers\.md|docs/notes|\bspec (?:sections?|§)",
+OUTSIDE_DOCS = re.compile(r"dimo-spec\.md|design\.md|calibration\.md|teachers\.md\b|docs/notes|\bspec (?:sections?|§)",
                           re.IGNORECASE)
 
 

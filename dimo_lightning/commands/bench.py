@@ -45,8 +45,7 @@ from lightning.pytorch.callbacks import Callback
 
 from dimo_lightning.commands.cli import DiMOCLI
 from dimo_lightning.core.losses import aux_loss, generator_loss
-from dimo_lightning.core.masking import remask
-from dimo_lightning.inference.one_step import StudentInput, TokenSampling, student_logits, student_sample
+from dimo_lightning.inference.one_step import StudentInput, TokenSampling, remask_sample, student_logits, student_sample
 from dimo_lightning.inference.pipeline import OneStepPipeline
 from dimo_lightning.training.module import DiMOModule
 from dimo_lightning.training.settings import group_fields
@@ -240,7 +239,7 @@ class PassBench:
         with torch.no_grad(), context():
             sampling = TokenSampling(s.student.temperature, exclude=(teacher.mask_id,))
             x, z = student_sample(teacher, student, cond, student_input, sampling, generator, device)
-            x_t, mask, _ = remask(x, s.targets.mask_schedule, teacher.mask_id, generator)
+            x_t, mask, _ = remask_sample(teacher, x, cond, s.targets.mask_schedule, generator)
             grad = torch.randn_like(z, dtype=torch.float32) * 1e-3
         self.batch_size = int(x.shape[0])
 

@@ -3,6 +3,12 @@
 Training (the generator, aux and discriminator updates), evaluation, the benchmark and the exported pipeline all
 draw student samples through these functions, so a change to the student's input (a new noise, a timestep) is made
 in one place.
+
+Fixed positions (a text prompt, ``PrefixCondition.fixed``) are enforced here too: the hybrid input gets the prompt
+written in before the forward (:func:`student_logits`), drawn tokens get it after drawing (:func:`student_tokens`),
+and a re-masked sample keeps it and leaves it out of the loss mask (:func:`remask_sample`). Image teachers'
+``fix_positions`` return the codes unchanged and their conditions have no ``fixed``, so image runs draw and compute
+exactly what they did before.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dimo_lightning.core.masking import hybrid_initial_sequence
+from dimo_lightning.core.masking import hybrid_initial_sequence, remask
 from dimo_lightning.core.sampling import sample_tokens
 
 
@@ -64,8 +70,8 @@ def student_logits(teacher, network: torch.nn.Module, cond, student_input: Stude
                    generator: torch.Generator | None, device: torch.device | str | None) -> torch.Tensor:
     """One forward of ``network`` (student, its EMA, or the aux) through ``teacher``'s contract -> logits (B, N, V)."""
     return one_step_logits(
-        lambda x_init: teacher.apply_network(network, x_init, cond, None, student_input.sigma,
-                                             student_input.noise_scale, generator),
+        lambda x_init: teacher.apply_network(network, teacher.fix_positions(x_init, cond), cond, None,
+                                             student_input.sigma, student_input.noise_scale, generator),
         teacher.condition_batch_size(cond), teacher.seq_len, teacher.codebook_size, teacher.mask_id,
         student_input.r_init, generator, device,
     )
@@ -76,10 +82,37 @@ def draw_tokens(logits: torch.Tensor, sampling: TokenSampling, generator: torch.
     return sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.exclude, generator)
 
 
+def student_tokens(teacher, logits: torch.Tensor, cond, sampling: TokenSampling,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """Tokens (B, N) drawn from student ``logits`` (B, N, V), with ``cond``'s fixed positions (a prompt) written back:
+    the student never changes a prompt token."""
+    return teacher.fix_positions(draw_tokens(logits, sampling, generator), cond)
+
+
+def remask_sample(teacher, codes: torch.Tensor, cond, schedule: str, generator: torch.Generator | None,
+                  clamp: tuple[float, float] | list[float] | None = None,
+                  band: tuple[float, float] | list[float] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The re-mask of a student sample (every Di[M]O update, the consistency diagnostic, the benchmark): codes (B, N)
+    -> (x_t (B, N), mask (B, N) bool, ratio (B,)).
+
+    The ratios and masked positions are drawn by :func:`~dimo_lightning.core.masking.remask` over all N positions
+    (the same draws with or without a prompt); then ``cond``'s fixed positions get their tokens back and leave the
+    mask (``mask & ~cond.fixed``), so no loss or target is ever computed on a prompt token. ``ratio`` is the drawn
+    one (adaptive CFG reads it), not the share of generated positions masked.
+    """
+    x_t, mask, ratio = remask(codes, schedule, teacher.mask_id, generator, clamp, band=band)
+    fixed = getattr(cond, "fixed", None)
+    if fixed is not None:
+        x_t = teacher.fix_positions(x_t, cond)
+        mask = mask & ~fixed.to(mask.device)
+    return x_t, mask, ratio
+
+
 @torch.no_grad()
 def student_sample(teacher, network: torch.nn.Module, cond, student_input: StudentInput, sampling: TokenSampling,
                    generator: torch.Generator | None,
                    device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A detached student sample: (tokens x (B, N), logits z (B, N, V))."""
+    """A detached student sample: (tokens x (B, N), prompt kept; logits z (B, N, V))."""
     z = student_logits(teacher, network, cond, student_input, generator, device)
-    return draw_tokens(z, sampling, generator), z
+    return student_tokens(teacher, z, cond, sampling, generator), z

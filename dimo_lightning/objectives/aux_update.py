@@ -45,7 +45,7 @@ class AuxUpdate(Objective):
             drop = None
             if self.cfg_drop_ratio > 0:
                 drop = torch.rand(x.shape[0], generator=ctx.generator, device=ctx.device) < self.cfg_drop_ratio
-            x_t, mask, _ = ctx.remask(x, self.mask_schedule, self.mask_ratio_clamp)
+            x_t, mask, _ = ctx.remask(x, part, self.mask_schedule, self.mask_ratio_clamp)
             soft = (z.float() / self.soft_temperature).softmax(-1) if self.soft_weight > 0 else None
         logits = ctx.teacher.apply_network(ctx.aux, x_t, ctx.conditions[part], drop)
         valid = finite_rows(logits.detach(), z)

@@ -88,7 +88,7 @@ def consistency_kl_by_band(
     Args:
         init_logits: (B, N, V) the student's logits on its initial sequence.
         remasked_logits: codes (B, N) -> (B, N, V), the student on a re-masked sample (same conditions).
-        x_t: (B, N) a sample x drawn from ``init_logits``, re-masked (``core.masking.remask``).
+        x_t: (B, N) a sample x drawn from ``init_logits``, re-masked (``inference.one_step.remask_sample``).
         mask: (B, N) bool, its masked positions.
         num_codes: K; the KL compares the distributions over the K codes (logit slots beyond, such as the mask
             slot, are dropped and the rest renormalized, as sampling never emits them).

@@ -14,8 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dimo_lightning.core.masking import remask
-from dimo_lightning.inference.one_step import StudentInput, TokenSampling, draw_tokens, student_logits, student_sample
+from dimo_lightning.inference.one_step import (
+    StudentInput,
+    TokenSampling,
+    remask_sample,
+    student_logits,
+    student_sample,
+    student_tokens,
+)
 from dimo_lightning.teachers.base import MaskedTeacher
 
 
@@ -60,10 +66,10 @@ class IterationContext:
         return student_logits(self.teacher, self.student, self.conditions[part], self.student_input, self.generator,
                               self.device)
 
-    def draw(self, logits: torch.Tensor) -> torch.Tensor:
-        """Tokens (B_i, N) drawn from (detached) student logits."""
+    def draw(self, logits: torch.Tensor, part: int) -> torch.Tensor:
+        """Tokens (B_i, N) drawn from (detached) student logits of micro-batch ``part`` (its prompt kept)."""
         with torch.no_grad():
-            return draw_tokens(logits.detach(), self.sampling, self.generator)
+            return student_tokens(self.teacher, logits.detach(), self.conditions[part], self.sampling, self.generator)
 
     def student_sample(self, part: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A detached student sample of micro-batch ``part``: (x (B_i, N), z (B_i, N, V))."""
@@ -76,10 +82,12 @@ class IterationContext:
             return self.samples[part]
         return self.student_sample(part)
 
-    def remask(self, codes: torch.Tensor, schedule: str, clamp: list[float] | None = None,
+    def remask(self, codes: torch.Tensor, part: int, schedule: str, clamp: list[float] | None = None,
                band: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward masking of a sample (B_i, N): (x_t, mask (B_i, N) bool, ratio (B_i,)) with ``schedule``."""
-        return remask(codes, schedule, self.teacher.mask_id, self.generator, clamp, band=band)
+        """Forward masking of a sample (B_i, N) of micro-batch ``part``: (x_t, mask (B_i, N) bool, ratio (B_i,)) with
+        ``schedule``; its fixed positions (a prompt) kept and out of the mask
+        (:func:`~dimo_lightning.inference.one_step.remask_sample`)."""
+        return remask_sample(self.teacher, codes, self.conditions[part], schedule, self.generator, clamp, band=band)
 
 
 def split_real(real: torch.Tensor, conditions: list[Any], teacher: MaskedTeacher,

@@ -67,7 +67,7 @@ class DiMOGenerator(Objective):
         teacher logits, aux logits)."""
         t, cond = ctx.teacher, ctx.conditions[part]
         with torch.no_grad():
-            x_t, mask, ratio = ctx.remask(x, self.mask_schedule, self.mask_ratio_clamp, self.mask_ratio_band)
+            x_t, mask, ratio = ctx.remask(x, part, self.mask_schedule, self.mask_ratio_clamp, self.mask_ratio_band)
             # A Python float when the scale is fixed: the teacher decides "no CFG" without a device read.
             adaptive = self.adaptive_cfg and self.cfg_scale != 1
             scale = 1 + (self.cfg_scale - 1) * ratio if adaptive else float(self.cfg_scale)
@@ -82,7 +82,7 @@ class DiMOGenerator(Objective):
 
     def loss(self, ctx: IterationContext, part: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z = ctx.student_logits(part)  # (B, N, V), with grad
-        x = ctx.draw(z)  # (B, N)
+        x = ctx.draw(z, part)  # (B, N)
         logs: dict[str, torch.Tensor] = {}
         if self.gan_only:  # ablation: L_gan alone, no teacher or aux forward
             draw = StudentDraw(z, x, finite_rows(z.detach()))

@@ -97,4 +97,10 @@ def shard_units(network: nn.Module) -> list[nn.Module]:
         blocks = getattr(network, name, None)
         if isinstance(blocks, nn.ModuleList):
             units.extend(blocks)
+    # The text networks: LLaDA (``blocks``: model.transformer.blocks) and MDLM (backbone.blocks); each transformer
+    # block is one unit, the embedding table and the output head stay in the root unit.
+    for owner in (network, getattr(network, "backbone", None)):
+        blocks = getattr(owner, "blocks", None) if owner is not None else None
+        if isinstance(blocks, nn.ModuleList) and not units:
+            units.extend(blocks)
     return units

@@ -30,6 +30,7 @@ from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.data.batch import ConditionBatch
 from dimo_lightning.inference.one_step import StudentInput, TokenSampling, student_logits
 from dimo_lightning.inference.pipeline import OneStepPipeline, SamplingDefaults
+from dimo_lightning.inference.text_pipeline import TextPipeline
 from dimo_lightning.objectives.aux_update import AuxUpdate
 from dimo_lightning.objectives.context import IterationContext, Objective, split_real
 from dimo_lightning.objectives.coverage import CoverageTerm
@@ -414,20 +415,25 @@ class DiMOModule(pl.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Samples for the conditions of ``batch`` (raw conditions, or ``{"conditions", "index"}`` with global sample
-        indices) -> {"images": (B, C, H, W) in [0, 1], "labels": the conditions, "index": (B,) if given}."""
+        indices) -> {"images": (B, C, H, W) in [0, 1], "labels": the conditions, "index": (B,) if given}.
+
+        A text teacher (``teacher.modality == "text"``) gives {"codes": (B, L) token rows, prompts kept, "labels",
+        "index"} instead: nothing is decoded here (TextSampleWriter decodes to strings as it writes)."""
         sampling = self.settings.sampling
         conditions, index = (batch["conditions"], batch["index"]) if isinstance(batch, dict) else (batch, None)
         cond = move_condition(self.teacher.encode_condition(conditions), self.device)
         # seeded by the first global index when known: the same samples on any number of ranks
         offset = int(index[0]) if index is not None and len(index) else self.global_rank * 7_919 + batch_idx
         generator = self._generator(derive_seed(sampling.predict_seed, salt=offset, modulus=SAMPLE_SEED_MODULUS))
-        pipeline = OneStepPipeline.from_teacher(self.teacher, evaluation_student(self), self.sampling_defaults(),
-                                                self.device)
+        text = getattr(self.teacher, "modality", "image") == "text"
+        pipeline = (TextPipeline if text else OneStepPipeline).from_teacher(
+            self.teacher, evaluation_student(self), self.sampling_defaults(), self.device)
         if sampling.predict_with == "teacher":
             codes = self.teacher.sample(cond, generator=generator, **self.settings.teacher_sample_kwargs())
         else:
             codes = pipeline.sample_codes(cond=cond, generator=generator)
-        out = {"images": pipeline.decode(codes), "labels": conditions}
+        out = {"codes": codes, "labels": conditions} if text else {"images": pipeline.decode(codes),
+                                                                   "labels": conditions}
         return out if index is None else {**out, "index": index}
 
     # ---- checkpoints (training/checkpoint_state.py) ----------------------------------------------------------------

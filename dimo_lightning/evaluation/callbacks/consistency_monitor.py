@@ -10,11 +10,11 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from dimo_lightning.core.conditions import move_condition
-from dimo_lightning.core.masking import MASK_SCHEDULES, remask
+from dimo_lightning.core.masking import MASK_SCHEDULES
 from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.core.sharding import slice_conditions
 from dimo_lightning.evaluation.callbacks.common import evaluation_conditions
-from dimo_lightning.inference.one_step import StudentInput, TokenSampling, student_sample
+from dimo_lightning.inference.one_step import StudentInput, TokenSampling, remask_sample, student_sample
 from dimo_lightning.objectives.consistency_gap import band_labels, consistency_kl_by_band
 
 
@@ -91,7 +91,7 @@ class ConsistencyMonitor(Callback):
                 cond = move_condition(teacher.encode_condition(batch), pl_module.device)
                 x, init_logits = student_sample(teacher, student, cond, student_input, sampling, generator,
                                                 pl_module.device)
-                x_t, mask, _ = remask(x, self.mask_schedule, teacher.mask_id, generator)
+                x_t, mask, _ = remask_sample(teacher, x, cond, self.mask_schedule, generator)
                 s, c = consistency_kl_by_band(
                     init_logits, lambda codes, cond=cond: teacher.apply_network(student, codes, cond), x_t, mask,
                     teacher.codebook_size, self.edges,
