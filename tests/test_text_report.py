@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.core.sharding import batch_spans
+from dimo_lightning.data.batch import ConditionBatch
 from dimo_lightning.evaluation.callbacks.evaluation_report import EvaluationReport
 from dimo_lightning.evaluation.callbacks.fid_monitor import FIDMonitor
 from dimo_lightning.evaluation.callbacks.sample_grid import SampleGrid
@@ -217,7 +218,8 @@ def text_trainer(tmp_path, callbacks, **kwargs):
 
 
 def index_loader(count: int, batch_size: int = 4) -> DataLoader:
-    return DataLoader(torch.arange(count), batch_size=batch_size)
+    return DataLoader(torch.arange(count), batch_size=batch_size,
+                      collate_fn=lambda rows: ConditionBatch(torch.stack(rows)))
 
 
 def tensorboard_tags(directory: Path) -> set[str]:

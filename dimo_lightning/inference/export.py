@@ -253,7 +253,7 @@ def _export_text(checkpoint: Mapping[str, Any], records: Mapping[str, Any], ckpt
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "weights_source": source,
-        "sampling": SamplingDefaults.from_hparams(hparams, records["emb_noise_scale"]).to_dict(),
+        "sampling": export_sampling(records, hparams),
         "teacher": teacher if isinstance(teacher, Mapping) else None,
         "generator_step": int((checkpoint.get("dimo") or {}).get("generator_step", 0)),
         "checkpoint": str(Path(ckpt_path).resolve()),

@@ -96,7 +96,7 @@ def text_tokenizer_record(tokenizer: Any) -> dict[str, Any]:
 
 def text_checkpoint_records(module: Any) -> dict[str, Any]:
     """The export records of a DiMOModule with a sequence teacher (``checkpoint["dimo"]["export"]``): the network,
-    the tokenizer, the prefix conditioning and the embedding-noise scale."""
+    the tokenizer, the prefix conditioning, the embedding-noise scale and the one-step sampling defaults."""
     teacher = module.teacher
     network = text_network_record(module.student)
     return {
@@ -112,6 +112,7 @@ def text_checkpoint_records(module: Any) -> dict[str, Any]:
             "teacher_class": _class_path(teacher),
         },
         "emb_noise_scale": float(module.emb_noise_scale),
+        "sampling": module.sampling_defaults().to_dict(),  # the one-step sampling the module evaluates with
     }
 
 
