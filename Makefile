@@ -36,7 +36,7 @@ demo: install ## The main job: distill the MNIST teacher on CPU and print the ev
 bench: install ## The CPU benchmark of the MNIST config (one thread): prints the tables, writes docs/bench_cpu.json
 	OMP_NUM_THREADS=1 $(BIN)/dimo bench --config configs/mnist/dimo.yaml --output docs/bench_cpu.json
 
-assets: install ## Rebuild the shipped assets (codebook, classifier, stroke autoencoder, caption cuts, both teachers)
+assets: install ## Rebuild the shipped assets (codebook, classifier, stroke autoencoder, caption cuts, teachers, text judge)
 	$(BIN)/python scripts/build_assets.py codebook
 	$(BIN)/python scripts/build_assets.py classifier
 	$(BIN)/python scripts/build_assets.py dae
@@ -45,6 +45,12 @@ assets: install ## Rebuild the shipped assets (codebook, classifier, stroke auto
 	$(BIN)/python scripts/build_assets.py teacher "$$(ls -d runs/mnist_teacher_assets/version_* | sort -V | tail -1)"
 	$(BIN)/dimo fit --config configs/mnist/t2i_teacher.yaml --trainer.logger.init_args.name=mnist_t2i_teacher_assets
 	$(BIN)/python scripts/build_assets.py t2i_teacher "$$(ls -d runs/mnist_t2i_teacher_assets/version_* | sort -V | tail -1)"
+	$(BIN)/python scripts/build_assets.py text_tokenizer
+	$(BIN)/dimo fit --config configs/text/teacher.yaml --trainer.logger.init_args.name=text_teacher_assets
+	$(BIN)/python scripts/build_assets.py text_teacher "$$(ls -d runs/text_teacher_assets/version_* | sort -V | tail -1)"
+	$(BIN)/dimo fit --config configs/text/judge.yaml --trainer.logger.init_args.name=text_judge_assets
+	$(BIN)/python scripts/build_assets.py text_judge "$$(ls -d runs/text_judge_assets/version_* | sort -V | tail -1)"
+	$(BIN)/python scripts/build_assets.py text_reference
 
 clean: ## Remove the virtual environment and run outputs
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache *.egg-info

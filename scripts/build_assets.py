@@ -5,6 +5,10 @@
     python scripts/build_assets.py dae           # denoising autoencoder of the stroke distance
     python scripts/build_assets.py captions      # captioned-MNIST thickness/slant tercile cuts (train split)
     python scripts/build_assets.py t2i_teacher RUN   # copy RUN/t2i_teacher/ (configs/mnist/t2i_teacher.yaml)
+    python scripts/build_assets.py text_tokenizer    # 4096-id BPE of the text corpus' train split
+    python scripts/build_assets.py text_teacher RUN  # copy RUN/text_teacher/ (configs/text/teacher.yaml)
+    python scripts/build_assets.py text_judge RUN    # copy RUN/text_judge/ (configs/text/judge.yaml)
+    python scripts/build_assets.py text_reference    # held-out text's metrics under the judge (text_reference.json)
 """
 
 from __future__ import annotations
@@ -62,10 +66,62 @@ def install_t2i_teacher(run_dir: str) -> Path:
     return dst
 
 
+def build_text_tokenizer(vocab_size: int = 4096) -> Path:
+    """Train the BPE tokenizer on the text corpus' train split into ``assets/text_teacher/tokenizer/``."""
+    from dimo_lightning.data.text_corpus import TEXT_TOKENIZER_ASSET, load_split
+    from dimo_lightning.tokenizers.text_bpe import save_bpe_tokenizer, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer([d.text for d in load_split("train")], vocab_size=vocab_size)
+    return save_bpe_tokenizer(tokenizer, asset_path(TEXT_TOKENIZER_ASSET))
+
+
+def install_text_folder(run_dir: str, name: str, config: str, expected: tuple[str, ...]) -> Path:
+    """Replace ``assets/<name>/`` by ``RUN/<name>/``, the folder a text pretraining module exported."""
+    src = Path(run_dir) / name
+    missing = [item for item in expected if not (src / item).exists()]
+    if missing:
+        raise FileNotFoundError(f"{src} lacks {', '.join(missing)}: run `dimo fit --config {config}` first and pass "
+                                "its log directory")
+    dst = asset_path(name)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def build_text_reference() -> Path:
+    """Score the held-out text under the shipped judge into ``assets/text_reference.json``."""
+    import json
+
+    from dimo_lightning.evaluation.text_reference import reference_row
+
+    out = asset_path("text_reference.json")
+    out.write_text(json.dumps(reference_row(), indent=2) + "\n")
+    return out
+
+
+TEXT_FOLDERS = {
+    "text_teacher": ("configs/text/teacher.yaml", ("config.json", "model.safetensors", "tokenizer")),
+    "text_judge": ("configs/text/judge.yaml", ("config.json", "model.safetensors", "tokenizer.json")),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("codebook", "teacher", "classifier", "dae", "captions", "t2i_teacher"):
+    if not argv or argv[0] not in ("codebook", "teacher", "classifier", "dae", "captions", "t2i_teacher",
+                                   "text_tokenizer", "text_reference", *TEXT_FOLDERS):
         raise SystemExit(__doc__)
+    if argv[0] in TEXT_FOLDERS:
+        if len(argv) != 2:
+            raise SystemExit(f"usage: python scripts/build_assets.py {argv[0]} RUN_DIR")
+        print(f"wrote {install_text_folder(argv[1], argv[0], *TEXT_FOLDERS[argv[0]])}")
+        return
+    if argv[0] == "text_tokenizer":
+        print(f"wrote {build_text_tokenizer()}")
+        return
+    if argv[0] == "text_reference":
+        print(f"wrote {build_text_reference()}")
+        return
     if argv[0] == "codebook":
         print(f"wrote {build_codebook()}")
     elif argv[0] == "teacher":
