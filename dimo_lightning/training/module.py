@@ -207,15 +207,9 @@ class DiMOModule(pl.LightningModule):
         return SamplingDefaults(emb_noise_scale=float(self.emb_noise_scale), **self.settings.one_step_defaults())
 
     @torch.no_grad()
-    def generate(
-        self,
-        cond: Any,
-        network: torch.nn.Module | None = None,
-        temperature: float | None = None,
-        r_init: float | None = None,
-        sigma: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def generate(self, cond: Any, network: torch.nn.Module | None = None, temperature: float | None = None,
+                 r_init: float | None = None, sigma: float | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """One-step sampling: codes (B, N) in [0, K) from the student (or ``network``, e.g. its EMA) for the encoded
         conditions ``cond``, through :class:`~dimo_lightning.inference.pipeline.OneStepPipeline`.
 
