@@ -41,7 +41,7 @@ def tiny_fit_config(tmp_path: Path) -> Path:
         "model": {"class_path": "dimo_lightning.training.module.DiMOModule", "init_args": {
             "teacher": {"class_path": "dimo_lightning.teachers.mnist.MNISTTeacher",
                         "init_args": {"checkpoint": str(weights), "codebook": str(codebook)}},
-            "max_generator_steps": 2,
+            "optim": {"max_generator_steps": 2},
         }},
         "data": {"class_path": "dimo_lightning.data.labels.ClassLabelDataModule",
                  "init_args": {"num_classes": 10, "batch_size": 4, "batches_per_epoch": 2}},

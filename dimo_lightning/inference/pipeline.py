@@ -94,6 +94,8 @@ class Conditioner(Protocol):
                       drop_condition: torch.Tensor | None = None, emb_noise_sigma: float = 0.0,
                       emb_noise_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor: ...
 
+    def fix_positions(self, codes: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -142,6 +144,10 @@ class LabelConditioner(nn.Module):
                       drop_condition: torch.Tensor | None = None, emb_noise_sigma: float = 0.0,
                       emb_noise_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         return network(codes, cond, drop_condition, emb_noise_sigma, emb_noise_scale, generator)
+
+    def fix_positions(self, codes: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Codes (B, N) unchanged: no position of an image is fixed by its condition."""
+        return codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode(codes.reshape(-1, self.grid_size, self.grid_size))

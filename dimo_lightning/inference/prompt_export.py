@@ -251,6 +251,10 @@ class PromptConditioner(nn.Module):
         return network(codes, cond.hidden_states, cond.pooled, cond.micro_conds, self.timestep, emb_noise_sigma,
                        emb_noise_scale, generator)
 
+    def fix_positions(self, codes: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Codes (B, N) unchanged: no position of an image is fixed by its condition."""
+        return codes
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.decode(codes.reshape(-1, self.grid_size, self.grid_size))
 
