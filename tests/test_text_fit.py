@@ -210,6 +210,17 @@ def test_dimo_fit_predict_and_export_a_text_student(name, prompted, folders, jud
         cond = pipeline.prepare(PROMPTS[:2])
         codes = pipeline.sample_codes(cond=cond, generator=gen())
         assert torch.equal(codes[cond.fixed], cond.tokens[cond.fixed])  # the student never changes the prompt
+    # the exported student computes what the trained one computes: same prompt ids, noise and logits
+    from dimo_lightning.inference.pipeline import OneStepPipeline
+    from dimo_lightning.training.module import DiMOModule
+
+    module = DiMOModule.load_from_checkpoint(str(ckpt))
+    network = getattr(module, "student_ema", module.student)
+    live = OneStepPipeline.from_teacher(module.teacher, network, module.sampling_defaults(), module.device)
+    conditions = PROMPTS[:2] if prompted else torch.arange(2)
+    for overrides in ({}, {"emb_noise_sigma": 0.3}):
+        torch.testing.assert_close(pipeline.logits(conditions, gen(3), **overrides),
+                                   live.logits(conditions, gen(3), **overrides), rtol=0, atol=1e-5)
 
 
 def test_fsdp_shards_each_text_block_as_a_unit(teachers):

@@ -11,7 +11,6 @@ refusing); the real SequenceTeacher replaces it at the merge.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dimo_lightning.core.conditions import PrefixCondition
 from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.core.sharding import batch_spans
 from dimo_lightning.data.batch import ConditionBatch
@@ -47,6 +47,8 @@ from dimo_lightning.inference.text_pipeline import TextPipeline
 from dimo_lightning.inference.text_writer import TextSampleWriter, iter_text_predictions, write_text_prediction_index
 from dimo_lightning.nn.mdlm import load_mdlm
 from dimo_lightning.teachers.base import MaskedTeacher
+from dimo_lightning.teachers.sequence import noisy_input_embeddings
+from dimo_lightning.tokenizers.text import encode_texts
 from dimo_lightning.training.module import DiMOModule
 
 SEQ_LEN = 16  # the tiny MDLM's model_length
@@ -54,41 +56,6 @@ PROMPTS = ["The quick brown", "Tokens are"]
 
 
 # ---------------------------------------------------------------- the stand-in sequence teacher
-
-
-@dataclass(frozen=True)
-class Prefix:
-    """The PrefixCondition of the contract: prompt ids at the fixed positions, mask elsewhere."""
-
-    tokens: torch.Tensor
-    fixed: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.tokens.device
-
-    def to(self, device):
-        return Prefix(self.tokens.to(device), self.fixed.to(device))
-
-    def select(self, index):
-        return Prefix(self.tokens[index], self.fixed[index])
-
-    def split(self, parts: int):
-        return [Prefix(t, f) for t, f in zip(self.tokens.chunk(parts), self.fixed.chunk(parts))]
-
-    def repeat(self, repeats: int):
-        return Prefix(self.tokens.repeat(repeats, 1), self.fixed.repeat(repeats, 1))
-
-    def where(self, rows, other):
-        return self
-
-    @staticmethod
-    def cat(parts):
-        return Prefix(torch.cat([p.tokens for p in parts]), torch.cat([p.fixed for p in parts]))
 
 
 class StandInTextTeacher(MaskedTeacher):
@@ -114,7 +81,7 @@ class StandInTextTeacher(MaskedTeacher):
 
     @property
     def logit_width(self) -> int:
-        return self.network.vocab_size
+        return self.codebook_size
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -123,14 +90,14 @@ class StandInTextTeacher(MaskedTeacher):
     def encode_condition(self, batch):
         if isinstance(batch, torch.Tensor):
             tokens = torch.full((len(batch), SEQ_LEN), self.mask_id, dtype=torch.long)
-            return Prefix(tokens, torch.zeros_like(tokens, dtype=torch.bool))
-        ids = self.text_tokenizer(list(batch), add_special_tokens=False)["input_ids"]
+            return PrefixCondition(tokens, torch.zeros_like(tokens, dtype=torch.bool))
+        ids = encode_texts(self.text_tokenizer, list(batch))
         tokens = torch.full((len(ids), SEQ_LEN), self.mask_id, dtype=torch.long)
         fixed = torch.zeros_like(tokens, dtype=torch.bool)
         for row, prompt_ids in enumerate(ids):
             tokens[row, :len(prompt_ids)] = torch.tensor(prompt_ids)
             fixed[row, :len(prompt_ids)] = True
-        return Prefix(tokens, fixed)
+        return PrefixCondition(tokens, fixed)
 
     def condition_batch_size(self, cond) -> int:
         return cond.batch_size
@@ -144,13 +111,9 @@ class StandInTextTeacher(MaskedTeacher):
     def apply_network(self, network, codes, cond, drop_condition=None, emb_noise_sigma=0.0, emb_noise_scale=1.0,
                       generator=None):
         codes = self.fix_positions(codes, cond)
-        sigma = float(emb_noise_sigma) * float(emb_noise_scale)
-        if sigma == 0.0:
-            return network(input_ids=codes)
-        embeddings = network.token_embeddings()[codes]
-        noise = torch.randn(embeddings.shape, generator=generator, device=embeddings.device, dtype=embeddings.dtype)
-        noise = noise * (~cond.fixed).unsqueeze(-1).to(noise.dtype)
-        return network(inputs_embeds=embeddings + sigma * noise)
+        embeds = noisy_input_embeddings(network, codes, cond, emb_noise_sigma, emb_noise_scale, generator)
+        logits = network(input_ids=codes) if embeds is None else network(inputs_embeds=embeds)
+        return logits[..., : self.codebook_size]
 
     def embedding_rms(self, network=None) -> float:
         return float((self.network if network is None else network).token_embeddings().pow(2).mean().sqrt())

@@ -19,55 +19,15 @@ metrics and the teacher's samples read them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from dimo_lightning.core.conditions import PrefixCondition
 from dimo_lightning.inference.pipeline import OneStepPipeline
-
-
-def with_fixed_positions(conditioner: Any, codes: torch.Tensor, cond: Any) -> torch.Tensor:
-    """``conditioner.fix_positions(codes, cond)`` (a sequence teacher or a :class:`TextConditioner`): the prompt
-    written back into sampled codes; codes unchanged for one without the method."""
-    fix = getattr(conditioner, "fix_positions", None)
-    return fix(codes, cond) if callable(fix) else codes
-
-
-@dataclass(frozen=True)
-class PromptPrefix:
-    """The condition of an exported text student (the fields of the teachers' PrefixCondition).
-
-    Attributes:
-        tokens: (B, L) long: the prompt's ids at the fixed positions, the mask id elsewhere.
-        fixed: (B, L) bool: positions that are never generated (all False: unconditional).
-    """
-
-    tokens: torch.Tensor
-    fixed: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.tokens.device
-
-    def to(self, device: torch.device | str) -> PromptPrefix:
-        return PromptPrefix(self.tokens.to(device), self.fixed.to(device))
-
-    def select(self, index: Any) -> PromptPrefix:
-        return PromptPrefix(self.tokens[index], self.fixed[index])
-
-    def repeat(self, repeats: int) -> PromptPrefix:
-        return PromptPrefix(self.tokens.repeat(repeats, 1), self.fixed.repeat(repeats, 1))
-
-
-def is_prefix(cond: Any) -> bool:
-    """Whether ``cond`` is a prefix condition (any object with ``tokens`` and ``fixed``)."""
-    return hasattr(cond, "tokens") and hasattr(cond, "fixed")
+from dimo_lightning.teachers.sequence import noisy_input_embeddings
+from dimo_lightning.tokenizers.text import encode_texts
 
 
 class TextConditioner(nn.Module):
@@ -99,14 +59,13 @@ class TextConditioner(nn.Module):
         return (1, self._seq_len)
 
     # ---- conditions ----------------------------------------------------------------------------------------------
-    def unconditional(self, count: int) -> PromptPrefix:
+    def unconditional(self, count: int) -> PrefixCondition:
         """``count`` unconditional samples: nothing fixed."""
         if count < 1:
             raise ValueError(f"the number of texts must be >= 1, got {count}")
-        tokens = torch.full((count, self._seq_len), self.mask_id, dtype=torch.long)
-        return PromptPrefix(tokens, torch.zeros_like(tokens, dtype=torch.bool))
+        return PrefixCondition.unconditional(count, self._seq_len, self.mask_id)
 
-    def encode_prompts(self, prompts: Sequence[str], flag: str = "prompts") -> PromptPrefix:
+    def encode_prompts(self, prompts: Sequence[str], flag: str = "prompts") -> PrefixCondition:
         """Prompts -> their ids (no special tokens added) at positions ``[0, n)``, fixed.
 
         Raises:
@@ -118,7 +77,7 @@ class TextConditioner(nn.Module):
         if bad is not None:
             raise ValueError(f"{flag}: a text student takes prompt strings or a number of texts; item {bad} is "
                              f"{type(prompts[bad]).__name__}")
-        ids = self.text_tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids = encode_texts(self.text_tokenizer, prompts)  # as the teacher tokenises them
         tokens = torch.full((len(prompts), self._seq_len), self.mask_id, dtype=torch.long)
         fixed = torch.zeros_like(tokens, dtype=torch.bool)
         for row, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
@@ -127,13 +86,13 @@ class TextConditioner(nn.Module):
                                  f"{self._seq_len - 1} fit ahead of a completion of this {self._seq_len}-token student")
             tokens[row, :len(prompt_ids)] = torch.as_tensor(prompt_ids, dtype=torch.long)
             fixed[row, :len(prompt_ids)] = True
-        return PromptPrefix(tokens, fixed)
+        return PrefixCondition(tokens, fixed)
 
     def encode_condition(self, conditions: Any) -> Any:
         """A prefix condition from: a prepared one (returned as is), a number of unconditional texts (an int or a
         0-d tensor), a (B,) integer tensor (B unconditional texts: sample indices, as a DataModule yields them), a
         prompt string or a list of prompts."""
-        if is_prefix(conditions):
+        if isinstance(conditions, PrefixCondition):
             return conditions
         if isinstance(conditions, bool):
             raise ValueError("give prompt strings or a number of texts, not a bool")
@@ -152,7 +111,7 @@ class TextConditioner(nn.Module):
 
     def fix_positions(self, codes: torch.Tensor, cond: Any) -> torch.Tensor:
         """Codes (B, L) with the condition's fixed tokens written in."""
-        if not is_prefix(cond):
+        if not isinstance(cond, PrefixCondition):
             return codes
         return torch.where(cond.fixed.to(codes.device), cond.tokens.to(codes.device), codes)
 
@@ -160,20 +119,15 @@ class TextConditioner(nn.Module):
     def apply_network(self, network: nn.Module, codes: torch.Tensor, cond: Any,
                       drop_condition: torch.Tensor | None = None, emb_noise_sigma: float = 0.0,
                       emb_noise_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Logits (B, L, V) of ``network`` (``forward(input_ids=..., inputs_embeds=...)``, ``token_embeddings()``)
-        on codes (B, L) with the prompt written in. The embedding noise (``sigma * scale * N(0, 1)``, one draw of the
-        embeddings' shape from ``generator``) perturbs the generated positions only."""
+        """Logits (B, L, K) of ``network`` (``forward(input_ids=..., inputs_embeds=...)``, ``token_embeddings()``)
+        on codes (B, L) with the prompt written in; the embedding noise is the teachers' own
+        (:func:`~dimo_lightning.teachers.sequence.noisy_input_embeddings`), at the generated positions only."""
         if drop_condition is not None and bool(drop_condition.any()):
             raise ValueError("an exported text student samples without guidance: no dropped conditions")
         codes = self.fix_positions(codes, cond)
-        sigma = float(emb_noise_sigma) * float(emb_noise_scale)
-        if sigma == 0.0:
-            return network(input_ids=codes)
-        embeddings = network.token_embeddings()[codes]
-        noise = torch.randn(embeddings.shape, generator=generator, device=embeddings.device, dtype=embeddings.dtype)
-        if is_prefix(cond):
-            noise = noise * (~cond.fixed.to(codes.device)).unsqueeze(-1).to(noise.dtype)
-        return network(inputs_embeds=embeddings + sigma * noise)
+        embeds = noisy_input_embeddings(network, codes, cond, emb_noise_sigma, emb_noise_scale, generator)
+        logits = network(input_ids=codes) if embeds is None else network(inputs_embeds=embeds)
+        return logits[..., : self.codebook_size]  # the K generated ids, as the teacher's apply_network
 
     # ---- text ------------------------------------------------------------------------------------------------------
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -190,7 +144,7 @@ class TextConditioner(nn.Module):
         """Codes (B, L) and their condition -> (prompt, completion) per sample: the fixed positions' text and the
         generated positions' text (in order; special tokens kept). No prefix: ("", the whole row)."""
         rows = codes.detach().cpu()
-        if not is_prefix(cond):
+        if not isinstance(cond, PrefixCondition):
             return [("", self._decode(row.tolist())) for row in rows]
         fixed = cond.fixed.detach().cpu().bool()
         return [(self._decode(row[keep].tolist()), self._decode(row[~keep].tolist())) for row, keep in zip(rows, fixed)]
@@ -215,7 +169,7 @@ class TextPipeline(OneStepPipeline):
         cond = self._condition(conditions, cond)
         codes = super().sample_codes(cond=cond, generator=generator, temperature=temperature, r_init=r_init,
                                      emb_noise_sigma=emb_noise_sigma)
-        return with_fixed_positions(self.conditioner, codes, cond)
+        return self.conditioner.fix_positions(codes, cond)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         raise ValueError("a text student decodes to strings: call the pipeline, or use texts() / "

@@ -29,7 +29,6 @@ from typing_extensions import override
 from dimo_lightning.core.conditions import move_condition
 from dimo_lightning.core.run_directory import run_directory
 from dimo_lightning.inference.prediction_writer import INDEX_FILE
-from dimo_lightning.inference.text_pipeline import with_fixed_positions
 
 SHARD_PATTERN = "texts_*.jsonl"
 
@@ -48,7 +47,7 @@ def prediction_texts(teacher: Any, prediction: dict[str, Any]) -> tuple[list[str
         raise ValueError("TextSampleWriter needs predictions with 'codes' (B, L) or 'texts': predict_step of a "
                          "sequence teacher returns its token rows (an image writer, SampleWriter, takes 'images')")
     cond = move_condition(teacher.encode_condition(conditions), codes.device)
-    pairs = teacher.split_text(with_fixed_positions(teacher, codes, cond), cond)
+    pairs = teacher.split_text(teacher.fix_positions(codes, cond), cond)
     completions = [c for _, c in pairs]
     return raw_prompts or [p for p, _ in pairs], completions
 

@@ -47,6 +47,25 @@ def parse_dtype(dtype: str, argument: str = "dtype") -> torch.dtype:
     return DTYPES[dtype]
 
 
+
+def noisy_input_embeddings(network: nn.Module, codes: torch.Tensor, cond: Any,
+                           emb_noise_sigma: float | torch.Tensor, emb_noise_scale: float,
+                           generator: torch.Generator | None) -> torch.Tensor | None:
+    """The student's perturbed input embeddings (B, L, D) for codes (B, L), or None when sigma is 0:
+    ``e' = sigma * scale * eps + sqrt(1 - sigma^2) * e`` (docs/method.md#student-input) at the generated positions,
+    the clean embedding at a PrefixCondition's fixed ones. ``network`` exposes ``token_embeddings()``; ``sigma`` is a
+    scalar or (B,). Used by the sequence teachers and by exported text students, so both draw the same noise."""
+    if not torch.is_tensor(emb_noise_sigma) and emb_noise_sigma == 0:
+        return None
+    # F.embedding (not indexing) so that the student's table gets its gradient as in the lookup.
+    clean = F.embedding(codes, network.token_embeddings())  # (B, L, D)
+    level = torch.as_tensor(emb_noise_sigma, dtype=clean.dtype, device=clean.device)
+    level = level.reshape(-1, 1, 1) if level.ndim else level
+    # Drawn for every position (the stream does not depend on the prompt), used at generated ones only.
+    eps = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+    noisy = level * emb_noise_scale * eps + torch.sqrt(1 - level * level) * clean
+    return torch.where(cond.fixed[..., None], clean, noisy) if isinstance(cond, PrefixCondition) else noisy
+
 class SequenceTeacher(MaskedTeacher):
     """Base of text teachers (see the module docstring for the conventions).
 
@@ -192,16 +211,7 @@ class SequenceTeacher(MaskedTeacher):
                 emb_noise_sigma: float | torch.Tensor = 0.0, emb_noise_scale: float = 1.0,
                 generator: torch.Generator | None = None, sigma: torch.Tensor | None = None) -> torch.Tensor:
         codes = self._network_codes(codes, cond, drop_condition)
-        embeds = None
-        if torch.is_tensor(emb_noise_sigma) or emb_noise_sigma != 0:
-            # F.embedding (not indexing) so that the student's table gets its gradient as in the lookup.
-            clean = F.embedding(codes, network.token_embeddings())  # (B, L, D)
-            level = torch.as_tensor(emb_noise_sigma, dtype=clean.dtype, device=clean.device)
-            level = level.reshape(-1, 1, 1) if level.ndim else level
-            # Drawn for every position (the stream does not depend on the prompt), used at generated ones only.
-            eps = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-            noisy = level * emb_noise_scale * eps + torch.sqrt(1 - level * level) * clean
-            embeds = torch.where(cond.fixed[..., None], clean, noisy) if isinstance(cond, PrefixCondition) else noisy
+        embeds = noisy_input_embeddings(network, codes, cond, emb_noise_sigma, emb_noise_scale, generator)
         return self._forward(network, codes, embeds, sigma)[..., : self.codebook_size]
 
     def apply_network(

@@ -35,7 +35,6 @@ from dimo_lightning.evaluation.text_report import (
     write_examples,
     write_text_report,
 )
-from dimo_lightning.inference.text_pipeline import with_fixed_positions
 from dimo_lightning.training.ema import evaluation_student
 
 
@@ -158,7 +157,7 @@ class TextEvaluationReport(Callback):
         def student_sample(batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, Any]:
             cond = encode(batch)
             codes = pipeline.sample_codes(cond=cond, generator=generator, temperature=self.temperature)
-            return with_fixed_positions(teacher, codes, cond), cond
+            return teacher.fix_positions(codes, cond), cond
 
         def describe(codes: torch.Tensor, cond: Any) -> TextBatch:
             return describe_samples(teacher, codes, cond)

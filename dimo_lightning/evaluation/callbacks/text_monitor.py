@@ -26,7 +26,6 @@ from dimo_lightning.evaluation.text_report import (
     text_conditions,
     text_row,
 )
-from dimo_lightning.inference.text_pipeline import with_fixed_positions
 
 # The logged metrics (val/<name>); None values (no judge, no copy reference) are not logged.
 MONITOR_METRICS = ("gen_ppl", "gen_ppl_sample_mean", "entropy", "distinct_1", "distinct_2", "distinct_3",
@@ -127,7 +126,7 @@ class TextMonitor(Callback):
         def sample(batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, Any]:
             cond = move_condition(teacher.encode_condition(batch), device)
             codes = pipeline.sample_codes(cond=cond, generator=generator, temperature=self.temperature)
-            return with_fixed_positions(teacher, codes, cond), cond
+            return teacher.fix_positions(codes, cond), cond
 
         part = score_rank_texts(sample, lambda codes, cond: describe_samples(teacher, codes, cond), conditions,
                                 self.scoring.accumulator(), self.batch_size, self.seed, rank, world, device,
