@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format demo bench assets clean
+.PHONY: help install test test-all lint format demo text bench assets clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ format: install ## Ruff format and import sorting
 
 demo: install ## The main job: distill the MNIST teacher on CPU and print the evaluation table
 	$(BIN)/dimo fit --config configs/mnist/dimo.yaml
+
+text: install ## The text job: distill the shipped Bible MDLM on CPU and print the text table
+	$(BIN)/dimo fit --config configs/text/dimo.yaml
 
 bench: install ## The CPU benchmark of the MNIST config (one thread): prints the tables, writes docs/bench_cpu.json
 	OMP_NUM_THREADS=1 $(BIN)/dimo bench --config configs/mnist/dimo.yaml --output docs/bench_cpu.json

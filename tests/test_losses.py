@@ -98,3 +98,16 @@ def test_aux_loss_soft_is_kl_summed_over_vocab():
     torch.testing.assert_close(got, per_token[mask].mean())
     with pytest.raises(ValueError, match="soft_targets"):
         aux_loss(logits, torch.zeros(1, 3, dtype=torch.long), mask, soft_weight=0.5)
+
+
+def test_finite_rows_matches_an_elementwise_check():
+    t = torch.randn(6, 5, 7)
+    t[1, 2, 3] = float("nan")
+    t[2, 0, 0] = float("inf")
+    t[3, 4, 6] = -float("inf")
+    t[4] = 1e38  # large but finite
+    other = torch.randn(6, 5, 7)
+    other[5, 1, 1] = float("nan")
+    expected = torch.isfinite(t).reshape(6, -1).all(1) & torch.isfinite(other).reshape(6, -1).all(1)
+    assert finite_rows(t, other).tolist() == expected.tolist() == [True, False, False, False, True, False]
+    assert finite_rows(torch.zeros(3, 0)).tolist() == [True, True, True]  # an empty row has nothing non-finite

@@ -90,3 +90,74 @@ def test_the_asset_is_reproducible(tmp_path) -> None:
     shipped = load_file(str(asset_path("mnist_dae.safetensors")))
     for name, tensor in shipped.items():
         torch.testing.assert_close(rebuilt[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_report_stroke_distance_equals_an_independent_frechet_distance() -> None:
+    """The report's second distance (``mnist-dae``) on fixed images: the autoencoder's features by hand, the
+    Frechet distance in float64 with scipy's matrix square root, against all 1,000 validation digits."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from scipy import linalg
+
+    from dimo_lightning.evaluation.callbacks.common import shared_extractor, shared_reference
+    from dimo_lightning.evaluation.report import evaluation_row, sharded_sample_features
+
+    real, _ = load_real_reference("val")
+    train, _ = load_real_reference("train")
+    fixed = F.avg_pool2d(F.pad(train[:300], (1, 1, 1, 1), mode="replicate"), 3, stride=1)  # blurred digits
+    # A stand-in module: sample i of the report is fixed image i (codes carry the index; decode looks it up).
+    module = SimpleNamespace(trainer=SimpleNamespace(global_rank=0, world_size=1), device=torch.device("cpu"),
+                             teacher=SimpleNamespace(decode=lambda codes: fixed[codes[:, 0]]),
+                             all_gather=lambda t: t)
+    device = torch.device("cpu")
+    first = shared_extractor("mnist-cnn", None, device)
+    strokes = shared_extractor("mnist-dae", None, device)
+    samples = sharded_sample_features(module, lambda batch, g: batch[:, None], torch.arange(len(fixed)), first,
+                                      batch_size=64, seed=0, second_extractor=strokes)
+    row = evaluation_row("student", 1, samples, shared_reference("mnist-val", first),
+                         shared_reference("mnist-val", strokes))
+
+    model = load_autoencoder()
+
+    def features(images: torch.Tensor) -> np.ndarray:
+        x = to_uint8_images(images).float() / 255  # the extractors read 8-bit digits
+        e = model.encoder
+        with torch.no_grad():
+            h1 = e[1](e[0](x))
+            h2 = e[3](e[2](h1))
+            h3 = e[5](e[4](h2))
+            raw = torch.cat([model.encode(x), h1.mean((2, 3)), h2.mean((2, 3)), h3.mean((2, 3))], 1)
+        return ((raw - model.feature_mean) / model.feature_std).double().numpy()
+
+    a, b = features(fixed), features(real)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    expected = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    assert row.fid2 == pytest.approx(expected, rel=1e-3)
+
+
+def test_summary_names_the_students_ratio_to_the_teachers_best_on_each_distance(tmp_path) -> None:
+    import json
+
+    from dimo_lightning.evaluation.report import EvalRow, format_summary, summary_ratios, write_report
+
+    def row(model, steps, fid, recall, accuracy, fid2):
+        return EvalRow(model, steps, fid, 0.01, 0.8, recall, accuracy, 100.0, fid2=fid2, precision2=0.5, recall2=0.5)
+
+    rows = [row("teacher", 8, 4.7, 0.68, 0.943, 12.5), row("teacher", 16, 4.3, 0.76, 0.951, 11.7),
+            row("teacher", 4, 6.4, 0.62, 0.960, 13.0), row("student", 1, 4.2, 0.43, 0.987, 15.8)]
+    summary = summary_ratios(rows)
+    # each measure against its own best teacher row
+    assert summary["fid"]["teacher_steps"] == 16 and summary["fid"]["ratio"] == pytest.approx(4.2 / 4.3)
+    assert summary["fid2"]["teacher"] == 11.7 and summary["fid2"]["ratio"] == pytest.approx(15.8 / 11.7)
+    assert summary["recall"]["ratio"] == pytest.approx(0.43 / 0.76)
+    assert summary["accuracy"]["teacher_steps"] == 4 and summary["accuracy"]["difference"] == pytest.approx(0.027)
+    line = format_summary(summary, "mnist-dae")
+    assert "FID (mnist-dae) 15.800 vs 11.700 (16 steps), 1.35x" in line
+    assert "accuracy 0.987 vs 0.960 (4 steps), +2.7 pt" in line
+    json_path, md_path = write_report(rows, tmp_path, {"second_extractor": "mnist-dae"})
+    assert json.loads(json_path.read_text())["summary"]["fid2"]["ratio"] == pytest.approx(15.8 / 11.7)
+    assert line in md_path.read_text()
+    assert summary_ratios(rows[:3]) == {}  # no student row, no summary

@@ -65,6 +65,8 @@ out = Path(logger["save_dir"]) / logger["name"] / logger["version"]
 row = {"model": "student", "steps": 1, "fid": 10 + x, "kid": 0.01, "precision": 0.5, "recall": x / 2,
        "accuracy": 0.9, "images_per_s": 1.0}
 (out / "eval.json").write_text(json.dumps({"rows": [row], "generator_step": 2}))
+# the seed as LightningCLI saves it in the run's config.yaml
+(out / "config.yaml").write_text(f"seed_everything: {int(args.get('seed_everything', 0))}\\n")
 """
 
 
@@ -154,7 +156,9 @@ def test_sweep_of_real_runs_resumes_and_summarizes(tmp_path, capsys):
     again = optuna.load_study(study_name="tiny", storage=storage).get_trials()
     assert {t.number: t.datetime_complete for t in again} == finished
     printed = capsys.readouterr().out
-    assert "| trial | r_init | FID | recall | precision | accuracy | KID |" in printed and "KL all | state |" in printed
+    assert "| trial | r_init | run seed | FID | recall | precision | accuracy | KID |" in printed
+    assert "KL all | state |" in printed
+    assert [t.user_attrs["seed"] for t in again] == [0, 0]  # read back from each run's saved config
     assert printed.count("| COMPLETE |") == 2
     assert (out / "tiny" / "tiny_summary.md").read_text().count("| COMPLETE |") == 2
     for metric in sweep.PLOTTED_METRICS:
@@ -268,9 +272,9 @@ def test_plot_series_average_seeds_and_split_series(tmp_path):
     paths = sweep.write_plots(rows, definition, "bands", tmp_path / "plots")
     assert [p.name for p in paths] == [f"bands_{m}.png" for m in sweep.PLOTTED_METRICS]
     table = sweep.format_summary(rows, definition)
-    header = "| trial | band | aux_mode | seed | FID | recall | precision | accuracy | KID | state |"
+    header = "| trial | band | aux_mode | seed | run seed | FID | recall | precision | accuracy | KID | state |"
     assert table.splitlines()[0] == header
-    assert "| 99 | [0.0, 0.3] | full | 0 | 1000.000 |" in table
+    assert "| 99 | [0.0, 0.3] | full | 0 | - | 1000.000 |" in table
 
 
 def test_deadline_starts_only_trials_that_fit(tmp_path, capsys):
@@ -397,3 +401,31 @@ def test_a_point_queued_twice_runs_once_even_before_the_first_trial_suggests(tmp
     states = {t.number: t.state.name for t in study.get_trials()}
     assert states == {0: "RUNNING", 1: "PRUNED", 2: "PRUNED"}
     assert not (tmp_path / "runs" / "fake" / "trial_0001").exists()
+
+
+def test_seeds_of_a_sweep_are_distinct_and_recorded_in_its_summary(tmp_path, capsys):
+    """Three training seeds of one grid point: each trial runs its own seed, the summary lists the seed each run
+    saved in its config.yaml, and a grid that repeats a seed is refused."""
+    import optuna
+
+    spec = fake_spec(tmp_path, [0.5], average_over=["seed_everything"])
+    definition = yaml.safe_load(spec.read_text())
+    definition["sweep"]["grid"]["seed_everything"] = [0, 1, 2]
+    spec.write_text(yaml.safe_dump(definition))
+    assert dimo_main_code(["sweep", "run", str(spec)]) == 0
+    storage = sweep.make_storage(sweep.default_storage(tmp_path / "runs"))
+    study = optuna.load_study(study_name="fake", storage=storage)
+    seeds = sorted(t.user_attrs["seed"] for t in study.get_trials())
+    assert seeds == [0, 1, 2]
+    rows = sweep.summary_rows(study, sweep.load_study(storage, "fake")[1])
+    assert [r["run_seed"] for r in rows] == [r["seed_everything"] for r in rows]  # the run used the seed it was given
+    table = (tmp_path / "runs" / "fake" / "fake_summary.md").read_text()
+    assert "| trial | r_init | seed_everything | run seed | FID |" in table
+    for seed in (0, 1, 2):
+        assert f"| 0.5 | {seed} | {seed} |" in table
+    capsys.readouterr()
+    definition["sweep"]["grid"]["seed_everything"] = [0, 1, 1]
+    definition["sweep"]["study"] = "repeated"
+    spec.write_text(yaml.safe_dump(definition))
+    assert dimo_main_code(["sweep", "run", str(spec)]) == 2
+    assert "repeated values" in capsys.readouterr().err

@@ -31,6 +31,7 @@ def _report_settings(module, report, tmp_path, monkeypatch) -> dict:
     monkeypatch.setattr(report_module, "evaluation_row", lambda *a, **kw: SimpleNamespace(fid=0.0, fid2=None))
     monkeypatch.setattr(report_module, "write_report", lambda rows, directory, meta: (tmp_path / "j", tmp_path / "m"))
     monkeypatch.setattr(report_module, "format_table", lambda rows, second_name="2": "")
+    monkeypatch.setattr(report_module, "summary_ratios", lambda rows: {})
     trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True,
                               world_size=1, global_rank=0, datamodule=None,
                               strategy=SimpleNamespace(barrier=lambda name=None: None,

@@ -216,3 +216,50 @@ def test_judge_module_fast_dev_run_and_export(tmp_path, tokenizer):
     judge = load_judge(module.export(tmp_path / "export"))
     assert next(judge.model.parameters()).dtype == torch.float32 and judge.context_length == 32
     assert judge.tokenizer.decode(judge.tokenizer.encode("Amen.")) == "Amen."
+
+
+# ---- the distillation config -----------------------------------------------------------------------------------------
+def test_text_dimo_config_fast_dev_run_distills_the_shipped_teacher(tmp_path, monkeypatch):
+    """`dimo fit --config configs/text/dimo.yaml` with fast_dev_run: the shipped teacher, judge and copy reference
+    load through their ``asset:`` / ``kjv-train`` names and two iterations move the student off the teacher."""
+    from pathlib import Path
+
+    from dimo_lightning.commands.cli import main
+    from dimo_lightning.evaluation.callbacks.text_monitor import TextMonitor
+
+    seen = {}
+    original = pl.Trainer.fit
+
+    def recording_fit(self, model, *args, **kwargs):
+        seen["trainer"], seen["module"] = self, model
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "fit", recording_fit)
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs/text/dimo.yaml"
+    main(["fit", "--config", str(config), "--trainer.fast_dev_run=4", "--trainer.enable_progress_bar=false",
+          "--data.init_args.batch_size=2"])
+    module = seen["module"]
+    assert module.generator_step == 2  # Lightning's max_steps counts both optimizers' steps: 4 = two iterations
+    teacher = module.teacher.network
+    assert teacher.config.hidden_dim == 128 and teacher.config.vocab_size == 4097 and module.teacher.seq_len == 128
+    moved = [name for name, p in module.student.named_parameters()
+             if not torch.equal(p, dict(teacher.named_parameters())[name])]
+    assert moved  # the second generator update (the first has aux == teacher: a zero gradient) moved the student
+    monitor = next(c for c in seen["trainer"].callbacks if isinstance(c, TextMonitor))
+    assert monitor.scoring.judge.context_length == 256 and monitor.scoring.copy_reference.n == 8
+
+
+def test_shipped_names_resolve_and_unknown_ones_are_named(tokenizer):
+    from dimo_lightning.assets import resolve_asset
+    from dimo_lightning.evaluation.text_reference import training_ngrams, validation_rows
+    from dimo_lightning.evaluation.text_report import reference_text_rows, shared_copy_reference
+
+    assert resolve_asset("asset:text_judge") == asset_path(TEXT_JUDGE_ASSET)
+    assert str(resolve_asset("relative/folder")) == "relative/folder"
+    with pytest.raises(FileNotFoundError, match=r"MDLMTeacher.checkpoint: no shipped asset 'text_jugde'.*text_judge"):
+        resolve_asset("asset:text_jugde", "MDLMTeacher.checkpoint")
+    # kjv-train is the training split's 8-grams; kjv-val the packed validation rows of the shipped reference row
+    named = shared_copy_reference("kjv-train", tokenizer, 8)
+    assert set(named.hashes.tolist()) == set(training_ngrams(tokenizer, 8).hashes.tolist())
+    assert torch.equal(reference_text_rows("kjv-val", tokenizer, 128, 100), validation_rows(tokenizer, 128)[:100])

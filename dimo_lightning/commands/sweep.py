@@ -58,7 +58,7 @@ from typing import Any
 
 import yaml
 
-METRICS = ("fid", "recall", "precision", "accuracy", "kid")
+METRICS = ("fid", "recall", "precision", "accuracy", "kid", "fid2", "recall2")  # *2: the report's second distance
 PLOTTED_METRICS = ("fid", "recall", "precision", "accuracy")
 DEFAULT_OUT = "runs/sweeps"
 DEFAULT_COMMAND = ("python", "-m", "dimo_lightning", "fit")
@@ -345,6 +345,16 @@ def read_student_row(eval_json: Path) -> dict[str, Any]:
     return row
 
 
+def read_run_seed(log_dir: Path) -> int | None:
+    """The global seed a run used: ``seed_everything`` of the ``config.yaml`` LightningCLI saved in its log directory
+    (a drawn seed, ``seed_everything: true``, is saved as the number drawn); None without one."""
+    path = Path(log_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    seed = (yaml.safe_load(path.read_text()) or {}).get("seed_everything")
+    return int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 CONSISTENCY_TAG = "train/consistency_kl/"
 
 
@@ -422,6 +432,9 @@ def make_objective(study_name: str, definition: dict[str, Any]):
         if code != 0:
             raise TrialFailed(f"dimo fit exited with code {code}; see {log_dir / 'fit.log'}")
         row = read_student_row(log_dir / "eval.json")
+        seed = read_run_seed(log_dir)
+        if seed is not None:
+            trial.set_user_attr("seed", seed)
         for name in (*METRICS, "generator_step"):
             if row.get(name) is not None:
                 trial.set_user_attr(name, row[name])
@@ -554,11 +567,13 @@ def short_name(key: str) -> str:
 
 
 def summary_rows(study, definition: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial (in grid order): number, state, params, metrics (NaN where missing), log directory."""
+    """One row per trial (in grid order): number, state, params, the run's seed, metrics (NaN where missing), log
+    directory."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
         row = {"trial": trial.number, "state": trial.state.name}
         row.update({key: trial.params.get(key) for key in definition["grid"]})
+        row["run_seed"] = trial.user_attrs.get("seed")
         row.update({m: trial.user_attrs.get(m, math.nan) for m in METRICS})
         row["consistency_kl"] = {k.removeprefix("consistency_kl/"): v for k, v in trial.user_attrs.items()
                                  if k.startswith("consistency_kl/")}
@@ -579,19 +594,23 @@ def summary_rows(study, definition: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def format_summary(rows: list[dict[str, Any]], definition: dict[str, Any]) -> str:
-    """A Markdown table of every trial; with ``KL <band>`` columns (the last consistency diagnostic) if logged."""
+    """A Markdown table of every trial: its grid point, the seed the run used (``run seed``), the student's
+    metrics; the second distance's FID and recall (``FID 2``, ``recall 2``) when a trial has them; ``KL <band>``
+    columns (the last consistency diagnostic) if logged."""
     keys = list(definition["grid"])
     bands = sorted({b for r in rows for b in r.get("consistency_kl", {})}, key=band_order)
-    header = ["trial", *map(short_name, keys), "FID", "recall", "precision", "accuracy", "KID",
-              *(f"KL {b}" for b in bands), "state"]
+    second = any(not math.isnan(r.get("fid2", math.nan)) for r in rows)
+    header = ["trial", *map(short_name, keys), "run seed", "FID", "recall", "precision", "accuracy", "KID",
+              *(("FID 2", "recall 2") if second else ()), *(f"KL {b}" for b in bands), "state"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + "---|"]
 
     def number(value: Any, digits: int) -> str:
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
     for r in rows:
-        cells = [str(r["trial"]), *(str(r[k]) for k in keys), number(r["fid"], 3), number(r["recall"], 3),
-                 number(r["precision"], 3), number(r["accuracy"], 3), number(r["kid"], 4),
+        cells = [str(r["trial"]), *(str(r[k]) for k in keys), "-" if r.get("run_seed") is None else str(r["run_seed"]),
+                 number(r["fid"], 3), number(r["recall"], 3), number(r["precision"], 3), number(r["accuracy"], 3),
+                 number(r["kid"], 4), *((number(r["fid2"], 3), number(r["recall2"], 3)) if second else ()),
                  *(number(r.get("consistency_kl", {}).get(b), 4) for b in bands), r["state"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

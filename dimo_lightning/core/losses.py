@@ -10,10 +10,17 @@ import torch.nn.functional as F
 
 
 def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: True for rows (first axis) in which every given tensor is finite."""
+    """(B,) bool: True for rows (first axis) in which every given tensor is finite.
+
+    A row of floats is finite iff its max and min are (both propagate NaN, and an infinity is its row's max or
+    min): two reductions instead of a bool copy of the whole (B, N, V) tensor, which on a CPU costs 20x more."""
     valid = None
     for t in tensors:
-        row_ok = torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)
+        flat = t.reshape(t.shape[0], -1)
+        if flat.is_floating_point() and flat.shape[1] > 0:
+            row_ok = torch.isfinite(flat.amax(dim=1)) & torch.isfinite(flat.amin(dim=1))
+        else:
+            row_ok = torch.isfinite(flat).all(dim=1)
         valid = row_ok if valid is None else valid & row_ok
     return valid
 
@@ -48,9 +55,7 @@ def distribution_matching_grad(
         log_p_teacher = F.log_softmax(teacher_logits.float() / teacher_temperature, dim=-1)
         log_p_aux = F.log_softmax(aux_logits.float() / aux_temperature, dim=-1)
         p_aux = log_p_aux.exp()
-        grad = torch.zeros_like(p_aux)
-        if beta != 1.0:
-            grad = grad + (1.0 - beta) * (p_aux - log_p_teacher.exp())
+        grad = torch.zeros_like(p_aux) if beta == 1.0 else (1.0 - beta) * (p_aux - log_p_teacher.exp())
         if beta != 0.0:
             log_ratio = log_p_aux - log_p_teacher
             # 0 * log 0 terms: where p_aux underflows to 0 the product is 0 (avoid -inf * 0 = nan).

@@ -359,14 +359,63 @@ def format_table(rows: Sequence[EvalRow], second_name: str = "2") -> str:
     return "\n".join(lines)
 
 
+def summary_ratios(rows: Sequence[EvalRow]) -> dict[str, dict[str, Any]]:
+    """The student against the teacher's best row on each measure, as ``{measure: {"student", "teacher",
+    "teacher_steps", "ratio"}}`` (``"difference"`` instead of a ratio for accuracy). Best: the lowest FID (``fid``,
+    ``fid2``), the highest recall and accuracy, each over the teacher rows on its own. Measures a row lacks are left
+    out; no student or teacher row: an empty dict.
+    """
+    student = next((r for r in rows if r.model == "student"), None)
+    teachers = [r for r in rows if r.model == "teacher"]
+    summary: dict[str, dict[str, Any]] = {}
+    if student is None or not teachers:
+        return summary
+    for measure, lower_is_better in (("fid", True), ("fid2", True), ("recall", False), ("accuracy", False)):
+        candidates = [r for r in teachers if getattr(r, measure) is not None]
+        mine = getattr(student, measure)
+        if mine is None or not candidates:
+            continue
+        pick = min if lower_is_better else max
+        best = pick(candidates, key=lambda r: getattr(r, measure))
+        theirs = getattr(best, measure)
+        entry = {"student": mine, "teacher": theirs, "teacher_steps": best.steps}
+        if measure == "accuracy":
+            entry["difference"] = mine - theirs
+        else:
+            entry["ratio"] = mine / theirs if theirs else float("nan")
+        summary[measure] = entry
+    return summary
+
+
+def format_summary(summary: dict[str, dict[str, Any]], second_name: str = "2") -> str:
+    """One line: the student's ratio to the teacher's best on each measure of :func:`summary_ratios`."""
+    names = {"fid": "FID", "fid2": f"FID ({second_name})", "recall": "recall", "accuracy": "accuracy"}
+    parts = []
+    for measure, entry in summary.items():
+        where = f"{entry['teacher_steps']} steps"
+        if measure == "accuracy":
+            parts.append(f"{names[measure]} {entry['student']:.3f} vs {entry['teacher']:.3f} ({where}), "
+                         f"{100 * entry['difference']:+.1f} pt")
+        else:
+            digits = 3
+            parts.append(f"{names[measure]} {entry['student']:.{digits}f} vs {entry['teacher']:.{digits}f} "
+                         f"({where}), {entry['ratio']:.2f}x")
+    return "student vs the teacher's best: " + "; ".join(parts) if parts else ""
+
+
 def write_report(rows: Sequence[EvalRow], directory: str | Path, meta: dict | None = None) -> tuple[Path, Path]:
-    """Write ``eval.json`` ({"rows": [...], plus ``meta``}) and ``eval.md`` into ``directory``."""
+    """Write ``eval.json`` ({"rows": [...], "summary": :func:`summary_ratios`, plus ``meta``}) and ``eval.md`` (the
+    table and the summary line) into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, md_path = directory / "eval.json", directory / "eval.md"
-    payload = {"rows": [r.as_dict() for r in rows], **(meta or {})}
+    second_name = (meta or {}).get("second_extractor") or "2"
+    summary = summary_ratios(rows)
+    payload = {"rows": [r.as_dict() for r in rows], **({"summary": summary} if summary else {}), **(meta or {})}
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md = "# Di[M]O evaluation\n\n" + format_table(rows, (meta or {}).get("second_extractor") or "2") + "\n"
+    md = "# Di[M]O evaluation\n\n" + format_table(rows, second_name) + "\n"
+    if summary:
+        md += "\n" + format_summary(summary, second_name) + "\n"
     if meta:
         md += "\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n"
     md_path.write_text(md)

@@ -40,8 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dimo_lightning.assets import resolve_asset
 from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.core.sharding import condition_count, rank_batches, slice_conditions
+from dimo_lightning.data.text_corpus import CORPUS_NAME, load_split, pack_rows, tokenize_documents
 from dimo_lightning.evaluation.metrics.text import (
     DISTINCT_ORDERS,
     Judge,
@@ -55,6 +57,8 @@ from dimo_lightning.evaluation.report import timed_sample
 TEXT_COLUMNS = ("gen_ppl", "entropy", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "self_bleu",
                 "copy_rate", "tokens_per_s")
 SAMPLES_FILE = "samples_{label}.txt"  # one per row, next to eval.json
+# Text settings that name a split of the shipped corpus instead of a file (copy_reference, reference_text).
+CORPUS_SPLITS = {f"{CORPUS_NAME}-train": "train", f"{CORPUS_NAME}-val": "val"}
 
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 
@@ -135,10 +139,14 @@ def text_conditions(trainer: Any, num_samples: int, prompts: Sequence[str] | Non
 
 
 def document_ids(path: str | Path, tokenizer: Any, flag: str) -> list[list[int]]:
-    """The documents of a UTF-8 text file, one per non-blank line, each tokenised without special tokens."""
+    """The documents of a UTF-8 text file, one per non-blank line, or of a split of the shipped corpus
+    (``kjv-train``, ``kjv-val``: one chapter a document), each tokenised without special tokens."""
+    if str(path) in CORPUS_SPLITS:
+        return tokenize_documents(load_split(CORPUS_SPLITS[str(path)]), tokenizer)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{flag}: text file not found: {path}")
+        raise FileNotFoundError(f"{flag}: text file not found: {path} (or a shipped corpus split: "
+                                f"{', '.join(CORPUS_SPLITS)})")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
@@ -153,9 +161,16 @@ def reference_text_rows(path: str | Path, tokenizer: Any, seq_len: int, count: i
     the documents are concatenated in file order and cut into consecutive rows of ``seq_len`` (the tail that does not
     fill a row is dropped), the first ``count`` kept.
 
+    A shipped corpus split (``kjv-val``) is packed as the teacher's training rows instead
+    (:func:`~dimo_lightning.data.text_corpus.pack_rows`: ``[BOS] piece [EOS]``), the rows of the shipped reference
+    figures.
+
     Raises:
         ValueError: fewer than 2 rows (Self-BLEU needs 2); the message names ``flag``.
     """
+    if str(path) in CORPUS_SPLITS:
+        documents = document_ids(path, tokenizer, flag)
+        return pack_rows(documents, seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)[:count]
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
     for ids in document_ids(path, tokenizer, flag):
@@ -175,8 +190,10 @@ _COPY_REFERENCES: dict[tuple, ReferenceNgrams] = {}
 
 
 def shared_judge(path: str | Path, device: torch.device, context_length: int | None = None) -> Judge:
-    """One judge per (folder, device, context) and process (the report and the monitor share it)."""
-    key = (str(Path(path).resolve()), str(device), context_length)
+    """One judge per (folder, device, context) and process (the report and the monitor share it); ``asset:text_judge``
+    is the shipped one."""
+    path = resolve_asset(path, "judge")
+    key = (str(path.resolve()), str(device), context_length)
     if key not in _JUDGES:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"judge: folder not found: {path} (a local AutoModelForCausalLM folder with its "
@@ -188,9 +205,10 @@ def shared_judge(path: str | Path, device: torch.device, context_length: int | N
 def shared_copy_reference(spec: str | Path, tokenizer: Any, n: int, flag: str = "copy_reference") -> ReferenceNgrams:
     """The reference n-grams of the copy rate: an ``.npz`` written by ``ReferenceNgrams.save`` (its own n), or a
     text file (every non-blank line a document, tokenised by the generator's tokenizer without special tokens;
-    n-grams do not cross lines) hashed once per process. Large corpora: save the ``.npz`` once and give that."""
+    n-grams do not cross lines) or a shipped corpus split (``kjv-train``: chapters, n-grams do not cross them),
+    hashed once per process. Large corpora: save the ``.npz`` once and give that."""
     path = Path(spec)
-    key = (str(path.resolve()), id(tokenizer), n)
+    key = (str(spec) if str(spec) in CORPUS_SPLITS else str(path.resolve()), id(tokenizer), n)
     if key not in _COPY_REFERENCES:
         if path.suffix == ".npz":
             if not path.is_file():

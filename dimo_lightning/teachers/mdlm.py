@@ -8,12 +8,12 @@ strictly by :func:`dimo_lightning.nn.mdlm.load_mdlm`; tokenizer: GPT-2's (a sepa
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dimo_lightning.assets import resolve_asset
 from dimo_lightning.core.text_decoding import SAMPLING_PRECISIONS, ancestral_decode, loglinear_sigma
 from dimo_lightning.nn.mdlm import LAYOUT, MDLM, load_mdlm
 from dimo_lightning.teachers.sequence import SequenceTeacher, parse_dtype
@@ -33,8 +33,10 @@ class MDLMTeacher(SequenceTeacher):
     sampler, the log-linear sigma of each row's share of masked positions.
 
     Args:
-        checkpoint: the model folder (config.json + model.safetensors, the mdlm-owt layout).
-        tokenizer: the tokenizer folder; None: the checkpoint folder.
+        checkpoint: the model folder (config.json + model.safetensors, the mdlm-owt layout); ``asset:text_teacher``
+            is the shipped Bible teacher.
+        tokenizer: the tokenizer folder; None: the checkpoint folder (``asset:text_teacher/tokenizer``: the shipped
+            BPE).
         seq_len: L, the generated length (prompt included), at most the model's ``model_length`` (1024 for
             mdlm-owt, its default).
         dtype: parameter dtype, "float32" (the released file) or "bfloat16". The copies (student, aux) share it.
@@ -69,10 +71,10 @@ class MDLMTeacher(SequenceTeacher):
         if sampling_precision not in SAMPLING_PRECISIONS:
             raise ValueError(f"sampling_precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got "
                              f"{sampling_precision!r}")
-        folder = Path(checkpoint)
+        folder = resolve_asset(checkpoint, "MDLMTeacher.checkpoint")
         if not folder.is_dir():
             raise FileNotFoundError(f"MDLM checkpoint folder {folder} not found. Expected {LAYOUT}")
-        tokenizer_folder = folder if tokenizer is None else Path(tokenizer)
+        tokenizer_folder = folder if tokenizer is None else resolve_asset(tokenizer, "MDLMTeacher.tokenizer")
         self.text_tokenizer = load_text_tokenizer(tokenizer_folder, TOKENIZER_LAYOUT)
         self.network = load_mdlm(folder, self.text_tokenizer, dtype=torch_dtype,
                                  gradient_checkpointing=gradient_checkpointing)

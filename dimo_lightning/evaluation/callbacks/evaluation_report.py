@@ -21,7 +21,14 @@ from dimo_lightning.evaluation.callbacks.common import (
     shared_reference,
     student_pipeline,
 )
-from dimo_lightning.evaluation.report import evaluation_row, format_table, sharded_sample_features, write_report
+from dimo_lightning.evaluation.report import (
+    evaluation_row,
+    format_summary,
+    format_table,
+    sharded_sample_features,
+    summary_ratios,
+    write_report,
+)
 from dimo_lightning.training.ema import evaluation_student
 
 
@@ -154,7 +161,11 @@ class EvaluationReport(Callback):
             if self.second_extractor_name is not None:
                 meta["second_extractor"] = self.second_extractor_name
             self.written = write_report(self.rows, directory, meta)
-            print("\n" + format_table(self.rows, self.second_extractor_name or "2") + "\n")
+            second_name = self.second_extractor_name or "2"
+            print("\n" + format_table(self.rows, second_name) + "\n")
+            summary = summary_ratios(self.rows)
+            if summary:
+                print(format_summary(summary, second_name) + "\n")
             print(f"report written to {self.written[0]} and {self.written[1]}")
 
     @override

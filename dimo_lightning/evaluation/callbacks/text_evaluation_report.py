@@ -61,8 +61,11 @@ class TextEvaluationReport(Callback):
         copy_reference: the training text for the copy rate: an ``.npz`` of ``ReferenceNgrams`` or a text file (one
             document a line); null: no copy rate.
         copy_n: n of the copy rate (for a text file; an ``.npz`` carries its own).
-        reference_text: held-out real text (a text file, one document a line), cut into rows of the teacher's length
-            and scored as a ``reference`` row (at most ``num_samples`` rows); null: no reference row.
+        reference_text: held-out real text (a text file, one document a line, or ``kjv-val``: the shipped corpus's
+            validation chapters packed as the teacher's rows), cut into rows of the teacher's length and scored as a
+            ``reference`` row; null: no reference row.
+        reference_samples: rows of the reference row at most (null: ``num_samples``); a fixed held-out set is best
+            measured whole.
         prompts: prompts of prefix-conditioned evaluation (a ``.txt`` / ``.jsonl`` file or ``module:function``);
             null: the DataModule's ``evaluation_conditions`` or unconditional samples.
         batch_size: sampling batch size per rank.
@@ -87,6 +90,7 @@ class TextEvaluationReport(Callback):
         copy_reference: str | None = None,
         copy_n: int = 8,
         reference_text: str | None = None,
+        reference_samples: int | None = None,
         prompts: str | None = None,
         batch_size: int = 64,
         seed: int = 0,
@@ -108,6 +112,9 @@ class TextEvaluationReport(Callback):
         self.scoring = TextScoring(judge, judge_context_length, judge_batch_size, judge_max_tokens, copy_reference,
                                    copy_n, subset_size, bleu_order, distinct_orders, flag="TextEvaluationReport")
         self.reference_text = reference_text
+        if reference_samples is not None and reference_samples < 2:
+            raise ValueError(f"TextEvaluationReport.reference_samples must be >= 2, got {reference_samples}")
+        self.reference_samples = reference_samples
         self.prompts_source = prompts
         self.batch_size = batch_size
         self.seed = seed
@@ -131,7 +138,8 @@ class TextEvaluationReport(Callback):
             self.prompts = list(load_prompts(self.prompts_source, "TextEvaluationReport.prompts"))
         if self.reference_text is not None:
             self.reference_rows = reference_text_rows(self.reference_text, teacher.text_tokenizer, teacher.seq_len,
-                                                      self.num_samples, "TextEvaluationReport.reference_text")
+                                                      self.reference_samples or self.num_samples,
+                                                      "TextEvaluationReport.reference_text")
 
     @torch.no_grad()
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
