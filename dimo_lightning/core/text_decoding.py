@@ -103,8 +103,7 @@ def ancestral_decode(
             p_x0 = probabilities(x, t)
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=dtype)
         moves = (x == mask_id) & (u < dt / t)  # the race's chance of a token over staying masked: dt / t
-        if bool(moves.any()):
-            x = x.clone()
+        if bool(moves.any()):  # x is this function's copy of ``initial``: written in place
             x[moves] = exponential_race(p_x0[moves].to(dtype), generator)
             p_x0 = None  # the codes changed: the distribution is stale
         elif not cache:

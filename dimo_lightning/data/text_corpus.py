@@ -171,6 +171,22 @@ def pack_rows(token_lists: Sequence[Sequence[int]], seq_len: int, bos_id: int, e
     return framed
 
 
+def split_rows(split: str, tokenizer: Any, seq_len: int, validation_fraction: float = VALIDATION_FRACTION,
+               max_documents: int | None = None) -> torch.Tensor:
+    """A split's packed rows (R, seq_len) (:func:`pack_rows` framed by the tokenizer's BOS and EOS): what the
+    teacher trains and validates on, and what held-out text is scored as.
+
+    Args:
+        split: "train" or "val".
+        tokenizer: the generator's tokenizer (with bos / eos ids).
+        seq_len: L.
+        validation_fraction: the split rule's validation share.
+        max_documents: only the split's first N documents; None: all.
+    """
+    docs = load_split(split, validation_fraction)[:max_documents]
+    return pack_rows(tokenize_documents(docs, tokenizer), seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
 def corpus_statistics(tokenizer: Any | None = None,
                       validation_fraction: float = VALIDATION_FRACTION) -> dict[str, dict[str, int]]:
     """Per split: documents, characters, words (whitespace-separated) and, with a tokenizer, tokens (no specials)."""
@@ -215,13 +231,11 @@ class TextCorpusDataModule(pl.LightningDataModule):
         if self.rows:
             return
         tokenizer = load_text_tokenizer(self.tokenizer_path)
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        if bos is None or eos is None:
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer at {self.tokenizer_path or asset_path(TEXT_TOKENIZER_ASSET)} has no "
                              "bos/eos token (MDLM frames every row with them): --data.init_args.tokenizer")
         for split in SPLITS:
-            docs = load_split(split, self.validation_fraction)[: self.max_documents]
-            self.rows[split] = pack_rows(tokenize_documents(docs, tokenizer), self.seq_len, bos, eos)
+            self.rows[split] = split_rows(split, tokenizer, self.seq_len, self.validation_fraction, self.max_documents)
             if len(self.rows[split]) == 0:
                 raise ValueError(f"the {split} split holds fewer than one row of {self.seq_len} tokens: raise "
                                  "--data.init_args.max_documents or lower --data.init_args.seq_len")

@@ -397,9 +397,8 @@ def format_summary(summary: dict[str, dict[str, Any]], second_name: str = "2") -
             parts.append(f"{names[measure]} {entry['student']:.3f} vs {entry['teacher']:.3f} ({where}), "
                          f"{100 * entry['difference']:+.1f} pt")
         else:
-            digits = 3
-            parts.append(f"{names[measure]} {entry['student']:.{digits}f} vs {entry['teacher']:.{digits}f} "
-                         f"({where}), {entry['ratio']:.2f}x")
+            parts.append(f"{names[measure]} {entry['student']:.3f} vs {entry['teacher']:.3f} ({where}), "
+                         f"{entry['ratio']:.2f}x")
     return "student vs the teacher's best: " + "; ".join(parts) if parts else ""
 
 

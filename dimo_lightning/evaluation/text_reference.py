@@ -26,7 +26,7 @@ from dimo_lightning.data.text_corpus import (
     corpus_statistics,
     load_split,
     load_text_tokenizer,
-    pack_rows,
+    split_rows,
     tokenize_documents,
 )
 from dimo_lightning.evaluation.metrics.text import ReferenceNgrams, TextMetricAccumulator, load_judge
@@ -42,8 +42,7 @@ def training_ngrams(tokenizer: Any, n: int = 8) -> ReferenceNgrams:
 
 def validation_rows(tokenizer: Any, seq_len: int = 128) -> torch.Tensor:
     """The validation split's packed rows (R, seq_len), as the teacher's DataModule builds them."""
-    ids = tokenize_documents(load_split("val"), tokenizer)
-    return pack_rows(ids, seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return split_rows("val", tokenizer, seq_len)
 
 
 def reference_row(judge: str | Path | None = None, tokenizer: str | Path | None = None, seq_len: int = 128,

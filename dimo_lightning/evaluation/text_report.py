@@ -43,7 +43,7 @@ import torch
 from dimo_lightning.assets import resolve_asset
 from dimo_lightning.core.seeding import SAMPLE_SEED_MODULUS, derive_seed
 from dimo_lightning.core.sharding import condition_count, rank_batches, slice_conditions
-from dimo_lightning.data.text_corpus import CORPUS_NAME, load_split, pack_rows, tokenize_documents
+from dimo_lightning.data.text_corpus import CORPUS_NAME, load_split, split_rows, tokenize_documents
 from dimo_lightning.evaluation.metrics.text import (
     DISTINCT_ORDERS,
     Judge,
@@ -162,15 +162,14 @@ def reference_text_rows(path: str | Path, tokenizer: Any, seq_len: int, count: i
     fill a row is dropped), the first ``count`` kept.
 
     A shipped corpus split (``kjv-val``) is packed as the teacher's training rows instead
-    (:func:`~dimo_lightning.data.text_corpus.pack_rows`: ``[BOS] piece [EOS]``), the rows of the shipped reference
+    (:func:`~dimo_lightning.data.text_corpus.split_rows`: ``[BOS] piece [EOS]``), the rows of the shipped reference
     figures.
 
     Raises:
         ValueError: fewer than 2 rows (Self-BLEU needs 2); the message names ``flag``.
     """
     if str(path) in CORPUS_SPLITS:
-        documents = document_ids(path, tokenizer, flag)
-        return pack_rows(documents, seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)[:count]
+        return split_rows(CORPUS_SPLITS[str(path)], tokenizer, seq_len)[:count]
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
     for ids in document_ids(path, tokenizer, flag):
@@ -195,7 +194,7 @@ def shared_judge(path: str | Path, device: torch.device, context_length: int | N
     path = resolve_asset(path, "judge")
     key = (str(path.resolve()), str(device), context_length)
     if key not in _JUDGES:
-        if not Path(path).is_dir():
+        if not path.is_dir():
             raise FileNotFoundError(f"judge: folder not found: {path} (a local AutoModelForCausalLM folder with its "
                                     "tokenizer)")
         _JUDGES[key] = load_judge(path, device, context_length=context_length)
