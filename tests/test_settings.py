@@ -209,5 +209,5 @@ def test_help_and_print_config_show_the_groups(capsys):
         main(["fit", "--config", str(ROOT / "configs/mnist/dimo.yaml"), "--print_config"])
     init_args = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert init_args["student"]["r_init"] == 0.6 and init_args["aux"]["sample"] == "reuse"
-    assert init_args["optim"]["max_generator_steps"] == 1200 and init_args["sampling"]["teacher"]["steps"] == 16
+    assert init_args["optim"]["max_generator_steps"] == 1800 and init_args["sampling"]["teacher"]["steps"] == 16
     assert not set(init_args) & set(LEGACY_KEYS)
